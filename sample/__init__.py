@@ -1,0 +1,1 @@
+"""The `sample` command: prompts in, image grids out."""

@@ -1,0 +1,1 @@
+"""Command-line entry points for training: tokenizer, vqvae, dataset encoding, transformer."""
