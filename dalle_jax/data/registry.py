@@ -1,0 +1,111 @@
+"""The datasets this project knows, by user-facing name, and how to build and read each one.
+
+Every dataset is a tfds builder prepared with `file_format="array_record"`, so it is read
+through `builder.as_data_source(split)` (random access, no TensorFlow) and fed to grain.
+
+A name may carry a builder config after a slash: `shapes_world/64`, `emoji/32`.
+Each builder module exposes `normalize(example: dict, index: int) -> {"image": uint8 [H, W, 3],
+"caption": str}` so the input pipeline treats every dataset alike (COCO has five captions
+per image and variable-size images; synthetic sets have one caption and a fixed size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from dalle_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to reach one dataset: `module` defines `builder_class` and `normalize`."""
+
+    name: str
+    module: str
+    builder_class: str
+    description: str
+    extra: str | None = None  # the pip extra it needs, if any
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            "shapes_world",
+            "dalle_jax.data.shapes_world.builder",
+            "ShapesWorld",
+            "procedural colored shapes with compositional hold-out (configs 32, 64, 128)",
+        ),
+        DatasetSpec(
+            "emoji",
+            "dalle_jax.data.emoji.builder",
+            "Emoji",
+            "Noto, Twemoji and OpenMoji emoji with CLDR names (configs 32, 64)",
+        ),
+        DatasetSpec(
+            "image_folder",
+            "dalle_jax.data.image_folder.builder",
+            "CaptionedImageFolder",
+            "your own images with captions in .txt sidecars or captions.jsonl/.tsv",
+        ),
+        DatasetSpec(
+            "coco_captions",
+            "dalle_jax.data.coco",
+            "CocoCaptions",
+            "MS-COCO 2014 captions, Karpathy splits (needs the [coco] extra: TensorFlow)",
+            extra="coco",
+        ),
+    ]
+}
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """`"shapes_world/64"` -> `("shapes_world", "64")`; a bare name has no config."""
+    base, _, config = name.partition("/")
+    return base, (config or None)
+
+
+def spec(name: str) -> DatasetSpec:
+    """The spec of a dataset name (config suffix allowed); unknown names list the known ones."""
+    base, _ = split_name(name)
+    if base not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise UserError(f"unknown dataset {base!r}; known datasets: {known}")
+    return DATASETS[base]
+
+
+def module(name: str) -> Any:
+    """Imports the module behind a dataset, naming the extra to install when it is missing."""
+    dataset = spec(name)
+    try:
+        return importlib.import_module(dataset.module)
+    except ModuleNotFoundError as e:
+        if dataset.extra:
+            raise UserError(
+                f"dataset {dataset.name!r} needs the [{dataset.extra}] extra "
+                f"(missing module {e.name!r}): pip install 'dalle-jax[{dataset.extra}]'"
+            ) from e
+        raise
+
+
+def builder(name: str, *, data_dir: str, **builder_kwargs: Any):
+    """The tfds builder for `name` (`base/config`), storing array_record files under `data_dir`."""
+    _, config = split_name(name)
+    cls = getattr(module(name), spec(name).builder_class)
+    if config is not None:
+        builder_kwargs.setdefault("config", config)
+    try:
+        return cls(data_dir=data_dir, file_format="array_record", **builder_kwargs)
+    except ValueError as e:
+        if "config" in str(e).lower():
+            configs = ", ".join(c.name for c in getattr(cls, "BUILDER_CONFIGS", []))
+            raise UserError(f"dataset {name!r}: {e} (configs: {configs})") from e
+        raise
+
+
+def normalizer(name: str) -> Callable[[dict, int], dict]:
+    """`normalize(example, index) -> {"image": uint8 [H, W, 3], "caption": str}` for `name`."""
+    return module(name).normalize
