@@ -1,0 +1,1 @@
+"""The `image_folder` dataset: your own images with captions (see `builder`)."""
