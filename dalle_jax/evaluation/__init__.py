@@ -1,0 +1,1 @@
+"""Evaluation of images against captions (`shapes_judge`: the deterministic shapes judge)."""
