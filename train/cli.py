@@ -16,6 +16,7 @@ from dalle_jax.errors import run_cli
 SUBCOMMANDS = {
     "data": "train.data_cmd",
     "tokenizer": "train.tokenizer_cmd",
+    "vqvae": "train.vqvae_cmd",
 }
 
 
