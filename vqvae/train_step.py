@@ -1,0 +1,193 @@
+"""Training math for stage 1: optimizer, loss, a pure train step and an eval step.
+
+Two forms of the same step:
+- `train_step(model, optimizer, images, step, key, config=...) -> metrics` updates the NNX
+  objects in place; wrap it in `nnx.jit(..., static_argnames="config")` for quick scripts/tests.
+- `make_train_step(graphdef, config)` -> `step_fn(state, images, step, key) -> (state, metrics)`,
+  a `jax.jit` of the same step on the split `(model, optimizer)` state with the state donated:
+  compiled once, no NNX graph traversal per call, what a training loop should use.
+Randomness comes from `jax.random.fold_in(key, step)` only, so a run is reproducible from
+(seed, step) and resuming mid-run replays the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from vqvae import losses
+from vqvae.errors import VQVAEInputError
+from vqvae.metrics import code_histogram, codebook_perplexity, codebook_usage, psnr, psnr_per_image
+from vqvae.model import VQVAE, ModelOutput, check_images, to_unit_range
+from vqvae.schedules import gumbel_temperature, kl_weight
+from vqvae.train_config import TrainConfig
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, cosine decay to `final_lr_fraction` of it."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.total_steps,
+        end_value=config.learning_rate * config.final_lr_fraction,
+    )
+
+
+def _decay_mask(params):
+    # Weight decay on kernels and embeddings only; biases and norm scales stay free.
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (or Adam) on the warmup + cosine schedule."""
+    schedule = learning_rate_schedule(config)
+    if config.optimizer == "adamw":
+        opt = optax.adamw(
+            schedule,
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            weight_decay=config.weight_decay,
+            mask=_decay_mask,
+        )
+    else:
+        opt = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2)
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
+
+
+def create_optimizer(model: VQVAE, config: TrainConfig) -> nnx.Optimizer:
+    """An `nnx.Optimizer` over the model's Params (EMA codebooks and counters are not Params)."""
+    return nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+
+
+def compute_loss(output: ModelOutput, images, config: TrainConfig, kl_beta):
+    """The weighted loss of one forward pass.
+
+    output: the model's ModelOutput; images: float32 [B, H, W, 3] in [0, 1]; kl_beta: float32 []
+    (the Gumbel KL weight at this step). Returns (loss float32 [], terms dict of float32 []).
+    """
+    mse = losses.mse(output.recon, images)
+    l1 = losses.l1(output.recon, images)
+    recon_loss = config.mse_weight * mse + config.l1_weight * l1
+    terms = {"mse": mse, "l1": l1}
+    if config.logit_laplace_weight:
+        nll = losses.logit_laplace_nll(
+            output.decoder_output[..., :3], output.decoder_output[..., 3:], images
+        )
+        recon_loss = recon_loss + config.logit_laplace_weight * nll
+        terms["logit_laplace_nll"] = nll
+    q = output.quantizer
+    quantizer_loss = (
+        config.commitment_weight * q.commitment
+        + config.codebook_weight * q.codebook_loss
+        + kl_beta * q.kl
+    )
+    terms.update(
+        recon_loss=recon_loss,
+        quantizer_loss=quantizer_loss,
+        commitment=q.commitment,
+        codebook_loss=q.codebook_loss,
+        kl=q.kl,
+    )
+    return recon_loss + quantizer_loss, terms
+
+
+def train_step(
+    model: VQVAE,
+    optimizer: nnx.Optimizer,
+    images,
+    step,
+    key,
+    *,
+    config: TrainConfig,
+) -> dict[str, jax.Array]:
+    """One update, in place: gradient step on the Params, then the quantizer's own update
+    (EMA codebook, unused counters, dead-code restarts).
+
+    images: float [B, H, W, 3] in [0, 1] (or uint8); step: int (the update's index, drives the
+    schedules and the noise); key: the run's PRNG key. Returns float32 [] metrics: loss,
+    recon_loss, mse, l1, quantizer_loss, commitment, codebook_loss, kl, kl_weight, temperature,
+    psnr, codebook_usage and perplexity (of this batch's ids), grad_norm, learning_rate, and for
+    VQ restarted_codes and dead_codes.
+    """
+    check_images(model.config, images)
+    if config.logit_laplace_weight and not model.config.logit_laplace:
+        raise VQVAEInputError(
+            "logit_laplace_weight > 0 needs a model config with logit_laplace=True"
+        )
+    images = to_unit_range(images)
+    step = jnp.asarray(step, jnp.int32)
+    noise_key, restart_key = jax.random.split(jax.random.fold_in(key, step))
+    temperature = gumbel_temperature(step, config)
+    beta = kl_weight(step, config)
+    gumbel = model.config.quantizer == "gumbel"
+
+    def loss_fn(model: VQVAE):
+        output = model(
+            images,
+            key=noise_key if gumbel else None,
+            temperature=temperature,
+            hard=config.gumbel_straight_through,
+        )
+        loss, terms = compute_loss(output, images, config, beta)
+        return loss, (output, terms)
+
+    (loss, (output, terms)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    quantizer_metrics = model.quantizer.update(output.quantizer, restart_key)
+
+    histogram = code_histogram(output.quantizer.ids, model.config.codebook_size)
+    metrics = {
+        "loss": loss,
+        **terms,
+        "kl_weight": beta,
+        "temperature": temperature,
+        "psnr": psnr(jnp.clip(output.recon, 0.0, 1.0), images),
+        "codebook_usage": codebook_usage(histogram),
+        "perplexity": codebook_perplexity(histogram),
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": learning_rate_schedule(config)(step),
+        **quantizer_metrics,
+    }
+    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, config: TrainConfig, *, donate: bool = True
+) -> Callable:
+    """A jitted pure step: `step_fn(state, images, step, key) -> (state, metrics)`.
+
+    `graphdef, state = nnx.split((model, optimizer))` gives the arguments; afterwards
+    `model, optimizer = nnx.merge(graphdef, state)`. With `donate`, the input state's buffers
+    are reused for the output, so don't touch the old `state` after a call.
+    """
+
+    def step_fn(state, images, step, key):
+        model, optimizer = nnx.merge(graphdef, state)
+        metrics = train_step(model, optimizer, images, step, key, config=config)
+        return nnx.state((model, optimizer)), metrics
+
+    return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+
+
+def eval_step(model: VQVAE, images) -> dict[str, jax.Array]:
+    """Inference-path reconstruction of a batch, for split-level metrics.
+
+    images: uint8 or float [B, H, W, 3]. Returns ids int32 [B, h, w], recon float32
+    [B, H, W, 3] (decode(encode(images))), psnr float32 [B] per image and histogram int32 [K];
+    sum histograms over batches and average per-image PSNRs for the split.
+    """
+    check_images(model.config, images)
+    images = to_unit_range(images)
+    ids = model.encode_ids(images)
+    recon = model.decode_ids(ids)
+    return {
+        "ids": ids,
+        "recon": recon,
+        "psnr": psnr_per_image(recon, images),
+        "histogram": code_histogram(ids, model.config.codebook_size),
+    }
