@@ -365,6 +365,15 @@ def _restore_weights(step_dir: epath.Path, abstract_weights: Any, weights_key: s
         ) from e
 
 
+def restore_weights(
+    path: PathLike, abstract_weights: Any, *, weights_key: str = "params", flag: str = "--model"
+) -> Any:
+    """Only the weights (`state[weights_key]`) of a checkpoint: a workdir, its checkpoints folder
+    or a step folder. For inference and export, where no optimizer state is wanted."""
+    step_dir = find_step_dir(path, flag=flag)
+    return _restore_weights(step_dir, abstract_weights, weights_key, flag)
+
+
 def restore_or_init(
     workdir: PathLike,
     abstract_state: Any,

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "data": "train.data_cmd",
     "tokenizer": "train.tokenizer_cmd",
     "vqvae": "train.vqvae_cmd",
+    "encode": "train.encode_cmd",
 }
 
 

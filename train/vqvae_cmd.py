@@ -1,0 +1,166 @@
+"""`train vqvae --config NAME --workdir DIR`: stage 1, the image tokenizer.
+
+Rerunning the same command resumes from the latest checkpoint in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from train.data_cmd import add_data_dir_argument, no_default
+
+HELP = "Train the vqvae image tokenizer (stage 1); rerun the same command to resume."
+
+CONFIG_NAMES = ("tiny", "shapes64", "emoji32", "base")  # dalle_jax.vqvae_training.JOBS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default="shapes64",
+        choices=CONFIG_NAMES,
+        help="job config: model, training and dataset together (tiny is for tests)",
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help=no_default(
+            "run directory: checkpoints/, metrics.jsonl, tb/ (TensorBoard), images/; "
+            "a workdir holding checkpoints is resumed"
+        ),
+    )
+    add_data_dir_argument(parser)
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        metavar="NAME",
+        help=no_default("override the config's dataset, e.g. shapes_world/64"),
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, metavar="N", help=no_default("override total steps")
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help=no_default("override the global batch size (a multiple of the device count)"),
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        metavar="LR",
+        help=no_default("override the peak learning rate"),
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help=no_default("override the seed (weights, data order, noise)"),
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("steps between metric lines (metrics.jsonl, TensorBoard)"),
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("steps between evaluations (one always runs at the last step)"),
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("steps between checkpoints (one is always written when a run ends)"),
+    )
+    parser.add_argument(
+        "--eval-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("examples of the eval split to evaluate on (0: all of it)"),
+    )
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help=no_default(
+            "full state (weights, optimizer, step, data position) of another run to continue "
+            "from, when the workdir has no checkpoint yet"
+        ),
+    )
+    parser.add_argument(
+        "--init",
+        default=None,
+        metavar="PATH",
+        help=no_default(
+            "weights only of another run to start from (step 0, fresh optimizer), when the "
+            "workdir has no checkpoint yet"
+        ),
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default(
+            "stop after N steps of this invocation (checkpointed), e.g. to split a long run "
+            "over sessions; rerun the command to go on"
+        ),
+    )
+
+
+def job_from_args(args: argparse.Namespace):
+    """The named job config with the command line's overrides applied."""
+    from dalle_jax.vqvae_training import get_job
+
+    job = get_job(args.config)
+    train_changes = {
+        k: v
+        for k, v in {
+            "total_steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    if train_changes:
+        job = job.replace(train=dataclasses.replace(job.train, **train_changes))
+    job_changes = {
+        k: v
+        for k, v in {
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "log_every": args.log_every,
+            "eval_every": args.eval_every,
+            "checkpoint_every": args.checkpoint_every,
+        }.items()
+        if v is not None
+    }
+    if args.eval_examples is not None:
+        job_changes["eval_max_examples"] = args.eval_examples or None
+    return job.replace(**job_changes) if job_changes else job
+
+
+def run(args: argparse.Namespace) -> int:
+    from dalle_jax.vqvae_training import train_and_evaluate
+
+    job = job_from_args(args)
+    metrics = train_and_evaluate(
+        job, args.workdir, resume=args.resume, init=args.init, stop_after=args.stop_after
+    )
+    if metrics:
+        print(json.dumps({"final_eval": metrics}))
+    return 0
