@@ -1,0 +1,182 @@
+"""`train reranker --config NAME --workdir DIR --tokenizer FILE`: the contrastive reranker.
+
+The reranker scores how well an image fits a caption; `sample --rerank M` keeps the best of M
+candidates by it, and evaluation reports its retrieval accuracy. Rerunning the same command
+resumes from the latest checkpoint in DIR (the tokenizer then defaults to DIR's copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from train.data_cmd import add_data_dir_argument, no_default
+
+HELP = "Train the contrastive text-image reranker (CLIP-style); rerun the same command to resume."
+
+CONFIG_NAMES = ("tiny", "small")  # dalle_jax.reranker_training.JOBS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default="small",
+        choices=CONFIG_NAMES,
+        help="job config: model size, training and default dataset (tiny is for tests)",
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help=no_default(
+            "run directory: checkpoints/, metrics.jsonl, tb/, a copy of the tokenizer; a "
+            "workdir holding checkpoints is resumed"
+        ),
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="FILE",
+        help=no_default(
+            "sentencepiece model from `train tokenizer` (default: the workdir's copy, when "
+            "resuming); the sampler's bundle must use the same one"
+        ),
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        metavar="NAME",
+        help=no_default("override the config's dataset, e.g. shapes_world/64 or emoji/32"),
+    )
+    add_data_dir_argument(parser)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help=no_default("side the images are resized to (default: the dataset's own)"),
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, metavar="N", help=no_default("override total steps")
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help=no_default("override the global batch size (a multiple of the device count)"),
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        metavar="LR",
+        help=no_default("override the peak learning rate"),
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("override the learning-rate warmup"),
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help=no_default("override the seed (weights, data order)"),
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("steps between metric lines (metrics.jsonl, TensorBoard)"),
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("steps between evaluations (one always runs at the last step)"),
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("steps between checkpoints (one is always written when a run ends)"),
+    )
+    parser.add_argument(
+        "--eval-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default("validation examples to evaluate retrieval on (0: all of them)"),
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default(
+            "stop after N steps of this invocation (checkpointed); rerun the command to go on"
+        ),
+    )
+
+
+def job_from_args(args: argparse.Namespace):
+    """The named job config with the command line's overrides applied."""
+    from dalle_jax.reranker_training import get_job
+
+    job = get_job(args.config)
+    train_changes = {
+        k: v
+        for k, v in {
+            "total_steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "warmup_steps": args.warmup_steps,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    if train_changes:
+        job = job.replace(train=dataclasses.replace(job.train, **train_changes))
+    job_changes = {
+        k: v
+        for k, v in {
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "tokenizer": args.tokenizer,
+            "image_size": args.image_size,
+            "log_every": args.log_every,
+            "eval_every": args.eval_every,
+            "checkpoint_every": args.checkpoint_every,
+        }.items()
+        if v is not None
+    }
+    if args.eval_examples is not None:
+        job_changes["eval_max_examples"] = args.eval_examples or None
+    return job.replace(**job_changes) if job_changes else job
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from dalle_jax.reranker_training import train_and_evaluate
+
+    job = job_from_args(args)
+    start = time.perf_counter()
+    metrics = train_and_evaluate(job, args.workdir, stop_after=args.stop_after)
+    if metrics:
+        print(
+            f"validation retrieval (image -> text among {metrics['group']} captions): "
+            f"top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}; same text: top-1 "
+            f"{metrics['top1_text']:.3f}, top-5 {metrics['top5_text']:.3f} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+        print(json.dumps({"final_eval": metrics}))
+    return 0
