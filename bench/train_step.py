@@ -1,0 +1,188 @@
+"""Training throughput and model FLOPs utilisation of the stage-2 transformer on this machine.
+
+    python bench/train_step.py --config ref-small --batch 16 --steps 5 --rounds 5
+
+Other sessions share this machine's cores, so the float32 matmul peak is measured in the same run,
+interleaved with the train steps: each round times one jitted loop of 2048x2048 float32 matmuls,
+then `--steps` train steps, then the matmul loop again; the round's MFU is its model GFLOP/s
+over the mean of the two peak readings, and the reported figure is the median over rounds.
+
+Model FLOPs (per token, training = 3x forward, multiply-add = 2 FLOPs):
+    6 * (L * (4 d^2 + 2 d f) + (T d V_text + N d V_image) / S) + 12 * L * d * S
+i.e. 6 x the matmul parameters each token passes through (qkv, out, 2 MLP matrices per layer; the
+text head on the T text positions and the image head on the N image positions) plus attention
+scores and values over the full S x S square (12 L d S). Embedding lookups, norms, softmax and
+the optimizer count nothing.
+
+Prints one JSON line per config and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--config", action="append", help="model config name (repeatable); default ref-small"
+    )
+    p.add_argument("--batch", type=int, action="append", help="batch size per config (repeatable)")
+    p.add_argument("--steps", type=int, default=5, help="timed train steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved peak/train rounds")
+    p.add_argument("--dtype", default=None, help="override the compute dtype (float32, bfloat16)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a model config field (JSON or a bare string), e.g. --set norm=layernorm",
+    )
+    p.add_argument("--peak-reps", type=int, default=4, help="2048^2 matmuls per peak reading")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS (set before jax is imported)")
+    return p.parse_args(argv)
+
+
+def model_flops_per_token(c) -> float:
+    """Training FLOPs per token; see the module docstring."""
+    layer = 4 * c.d_model**2 + 2 * c.d_model * c.mlp_dim
+    heads = (
+        c.text_length * c.d_model * c.text_vocab_size
+        + c.image_length * c.d_model * c.image_vocab_size
+    ) / c.seq_length
+    return 6 * (c.num_layers * layer + heads) + 12 * c.num_layers * c.d_model * c.seq_length
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from dalle_jax.model import DalleTransformer, get_config
+    from dalle_jax.train_step import OptimConfig, init_train_state, make_train_step
+
+    n = 2048
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+    # An orthogonal matrix keeps the repeated product bounded.
+    b = jnp.asarray(np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32))
+    reps = args.peak_reps
+    matmul_loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: c @ b, a))
+    matmul_loop(a, b).block_until_ready()
+
+    expected_norm = float(jnp.linalg.norm(a))
+
+    def peak_gflops() -> tuple[float, float]:
+        """(GFLOP per wall second, GFLOP per CPU second of this process) of the matmul loop."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = matmul_loop(a, b).block_until_ready()
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        # b is orthogonal, so the product keeps a's norm: proof that the matmuls really ran.
+        if abs(float(jnp.linalg.norm(out)) / expected_norm - 1) > 1e-3:
+            raise RuntimeError("the peak matmul loop computed a wrong result; check XLA_FLAGS")
+        flops = 2 * n**3 * reps
+        return flops / seconds / 1e9, flops / cpu_seconds / 1e9
+
+    configs = args.config or ["ref-small"]
+    batches = args.batch or [16]
+    if len(batches) == 1:
+        batches = batches * len(configs)
+    if len(batches) != len(configs):
+        print("error: give one --batch, or one per --config", file=sys.stderr)
+        return 2
+    rows = []
+    for name, batch in zip(configs, batches, strict=True):
+        overrides = {"dtype": args.dtype} if args.dtype else {}
+        for item in args.set:
+            field, _, value = item.partition("=")
+            try:
+                overrides[field] = json.loads(value)
+            except json.JSONDecodeError:
+                overrides[field] = value  # a bare string: --set norm=rmsnorm
+        config = get_config(name, **overrides)
+        model = DalleTransformer(config, rngs=nnx.Rngs(0))
+        optim = OptimConfig(warmup_steps=10, total_steps=1000)
+        graphdef, state = init_train_state(model, optim)
+        del model
+        train_step = make_train_step(graphdef, optim)
+        keys = jax.random.split(jax.random.key(1), 2)
+        data = {
+            "text_ids": jax.random.randint(
+                keys[0], (batch, config.text_length), 0, config.text_vocab_size
+            ),
+            "image_ids": jax.random.randint(
+                keys[1], (batch, config.image_length), 0, config.image_vocab_size
+            ),
+        }
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, data)
+        jax.block_until_ready((state, metrics))
+        compile_s = time.perf_counter() - t0
+        flops_step = model_flops_per_token(config) * batch * config.seq_length
+        ratios, cpu_ratios, tokens, peaks = [], [], [], []
+        for _ in range(args.rounds):
+            before = peak_gflops()
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                state, metrics = train_step(state, data)
+            jax.block_until_ready((state, metrics))
+            step_s = (time.perf_counter() - t0) / args.steps
+            step_cpu_s = (time.process_time() - c0) / args.steps
+            after = peak_gflops()
+            peak = (before[0] + after[0]) / 2
+            peak_per_cpu_s = (before[1] + after[1]) / 2
+            peaks.append(peak)
+            ratios.append(flops_step / step_s / 1e9 / peak)
+            cpu_ratios.append(flops_step / step_cpu_s / 1e9 / peak_per_cpu_s)
+            tokens.append(batch * config.seq_length / step_s)
+        row = {
+            "bench": "train_step",
+            "config": name,
+            "batch": batch,
+            "dtype": config.dtype,
+            "tokens_per_s": round(statistics.median(tokens), 1),
+            "mfu": round(statistics.median(ratios), 4),
+            "mfu_min": round(min(ratios), 4),
+            "mfu_max": round(max(ratios), 4),
+            # The same ratio per CPU-second this process used: insensitive to how many cores the
+            # other sessions left us, blind to idle time within a step.
+            "mfu_cpu_time": round(statistics.median(cpu_ratios), 4),
+            "peak_gflops": round(statistics.median(peaks), 1),
+            "model_gflops": round(statistics.median(ratios) * statistics.median(peaks), 1),
+            "gflop_per_step": round(flops_step / 1e9, 2),
+            "compile_s": round(compile_s, 1),
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "final_loss": round(float(metrics["loss"]), 4),
+            "overrides": overrides,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    header = (
+        f"{'config':<10} {'batch':>5} {'tokens/s':>9} {'MFU':>6} {'(min-max)':>13} "
+        f"{'MFU/cpu-s':>9} {'peak GF/s':>9} {'compile s':>9}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['config']:<10} {r['batch']:>5} {r['tokens_per_s']:>9.0f} {r['mfu']:>6.1%} "
+            f"{r['mfu_min']:>6.1%}-{r['mfu_max']:<6.1%} {r['mfu_cpu_time']:>9.1%} "
+            f"{r['peak_gflops']:>9.1f} {r['compile_s']:>9.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
