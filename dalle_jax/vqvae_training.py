@@ -30,6 +30,12 @@ from dalle_jax.data import pipeline
 from dalle_jax.data.pipeline import read_examples
 from dalle_jax.errors import UserError
 from dalle_jax.images import reconstruction_grid
+from dalle_jax.loop_utils import (  # noqa: F401 (pad_rows, round_up: re-exported)
+    host_batch_to_global,
+    pad_rows,
+    round_up,
+    whole_batch_to_global,
+)
 from dalle_jax.metrics import MetricWriter, to_host_scalars
 from dalle_jax.progress import Progress
 from vqvae.config import VQVAEConfig, get_config
@@ -155,7 +161,7 @@ def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
 
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
     """This host's slice [B/hosts, ...] -> one global array [B, ...] split over `data`."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(local))
+    return host_batch_to_global(local, batch_sharding(mesh))
 
 
 def shard_whole_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -164,27 +170,7 @@ def shard_whole_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     Each host places only the rows its own devices hold (eval, where all hosts read the same
     examples). B must be a multiple of the device count.
     """
-    batch = np.asarray(batch)
-    return jax.make_array_from_callback(batch.shape, batch_sharding(mesh), lambda i: batch[i])
-
-
-def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-    """array [n, ...] -> [rows, ...] (n <= rows), zero rows appended.
-
-    A short last batch padded to the full size reuses the compiled step instead of compiling
-    another one for its shape; callers drop the padded rows' results.
-    """
-    array = np.asarray(array)
-    missing = rows - array.shape[0]
-    if missing < 0:
-        raise ValueError(f"cannot pad {array.shape[0]} rows down to {rows}")
-    if missing == 0:
-        return array
-    return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)])
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+    return whole_batch_to_global(batch, batch_sharding(mesh))
 
 
 # ----------------------------------------------------------------------------- state

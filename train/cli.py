@@ -18,6 +18,9 @@ SUBCOMMANDS = {
     "tokenizer": "train.tokenizer_cmd",
     "vqvae": "train.vqvae_cmd",
     "encode": "train.encode_cmd",
+    "dalle": "train.dalle_cmd",
+    "export": "train.export_cmd",
+    "reranker": "train.reranker_cmd",
 }
 
 

@@ -1,0 +1,63 @@
+"""`train export --workdir DIR --vqvae VQDIR --tokenizer FILE --out BUNDLE`: a model bundle.
+
+Writes the latest checkpoint of a `train dalle` run, with its vqvae and tokenizer, as one
+self-describing folder that `sample --model BUNDLE` loads (see `dalle_jax.bundle`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from train.data_cmd import no_default
+
+HELP = "Export a trained transformer with its vqvae and tokenizer as one bundle folder."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        metavar="DIR",
+        help=no_default("a `train dalle` workdir (its latest checkpoint) or a checkpoint folder"),
+    )
+    parser.add_argument(
+        "--vqvae",
+        required=True,
+        metavar="DIR",
+        help=no_default(
+            "the `train vqvae` workdir (or checkpoint folder) the data was encoded with"
+        ),
+    )
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="FILE",
+        help=no_default("the tokenizer .model the data was encoded with"),
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="BUNDLE", help=no_default("the bundle folder to write")
+    )
+    parser.add_argument(
+        "--weights-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype the weights are stored in (bfloat16 halves the size; loading casts back)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a bundle already in --out"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dalle_jax.training import export_workdir
+
+    out = export_workdir(
+        args.workdir,
+        vqvae=args.vqvae,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        weights_dtype=args.weights_dtype,
+        overwrite=args.overwrite,
+    )
+    print(f"bundle written to {out}")
+    return 0
