@@ -1,1 +1,1 @@
-"""Datasets (tfds builders written as array_record, read without TensorFlow) and the input pipeline."""
+"""Datasets (tfds builders written as array_record, read without TensorFlow) and input pipelines."""
