@@ -72,3 +72,42 @@ def print_table(
     if title:
         print(f"\n{title}", file=out)
     print(format_table(rows, columns), file=out, flush=True)
+
+
+class MatmulPeak:
+    """This machine's float32 matmul peak, measured now (other sessions share the cores, so a
+    benchmark measures it in the same run, ideally before and after what it times).
+
+    One reading times a jitted loop of `reps` [n, n] x [n, n] float32 matmuls (n = 2048 by
+    default: large enough to run at the kernel's best rate). The right factor is orthogonal, so
+    the product keeps the left factor's norm: a check that the matmuls really ran.
+    Call the instance for one reading in GFLOP/s.
+    """
+
+    def __init__(self, n: int = 2048, reps: int = 4, seed: int = 0):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        self.n, self.reps = n, reps
+        self._a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
+        self._b = jnp.asarray(np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32))
+        self._loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: c @ b, a))
+        self._norm = float(jnp.linalg.norm(self._a))
+        self._loop(self._a, self._b).block_until_ready()  # compile outside the readings
+        self.readings: list[float] = []
+
+    def __call__(self) -> float:
+        import time
+
+        import jax.numpy as jnp
+
+        start = time.perf_counter()
+        out = self._loop(self._a, self._b).block_until_ready()
+        seconds = time.perf_counter() - start
+        if abs(float(jnp.linalg.norm(out)) / self._norm - 1) > 1e-3:
+            raise RuntimeError("the peak matmul loop computed a wrong result; check XLA_FLAGS")
+        gflops = 2 * self.n**3 * self.reps / seconds / 1e9
+        self.readings.append(gflops)
+        return gflops

@@ -1,45 +1,54 @@
 """Throughput of stage 1: encode and decode images/s, and train steps/s, after warm-up.
 
-    python bench/vqvae.py                      # shapes64: encode/decode at batch 64, train at 32
-    python bench/vqvae.py --config emoji32 --iters 20
+    python -m bench.vqvae                      # shapes64: encode/decode at batch 64, train at 32
+    python -m bench.vqvae --config emoji32 --iters 20
 
-Prints one JSON line per measurement, then a table. Weights are freshly initialised: throughput
-does not depend on them. (No bench/common.py existed when this was written, so it prints itself.)
+Prints one JSON line per measurement ({"bench": "vqvae", "config", "op", "batch",
+"images_per_s", ...}), then a table. Each figure is the median over `--iters` timed calls after
+`--warmup` untimed ones (compile). Weights are freshly initialised: throughput does not depend
+on them. Other sessions share this machine's cores, so the float32 matmul peak
+(`bench.common.MatmulPeak`) is read before and after each timing and reported beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-# Run as `python bench/vqvae.py`, this file's folder comes first on sys.path, and this file's
-# name would shadow the `vqvae` package.
+# Run as `python bench/vqvae.py` (rather than `-m bench.vqvae`), this file's folder would come
+# first on sys.path and this file's name would shadow the `vqvae` package: use the repo root.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path[:] = [
+    os.path.dirname(_HERE) if os.path.abspath(p or os.curdir) == _HERE else p for p in sys.path
+]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.common import MatmulPeak, emit, print_table  # noqa: E402
 from vqvae.config import get_config  # noqa: E402
 from vqvae.model import create_model, decode, encode  # noqa: E402
 from vqvae.train_config import get_train_config  # noqa: E402
 from vqvae.train_step import create_optimizer, make_train_step  # noqa: E402
 
 
-def _time(fn, iters: int, warmup: int) -> float:
-    """Median seconds per call of `fn()` (which must block until its result is ready)."""
+def _time(fn, iters: int, warmup: int, peak: MatmulPeak) -> tuple[float, float]:
+    """(median seconds per call of `fn()`, mean matmul peak GFLOP/s read before and after).
+
+    `fn` must block until its result is ready.
+    """
     for _ in range(warmup):
         fn()
+    before = peak()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(times)), (before + peak()) / 2
 
 
 def run(config_name: str, batch: int, train_batch: int, iters: int, warmup: int) -> list[dict]:
@@ -54,12 +63,31 @@ def run(config_name: str, batch: int, train_batch: int, iters: int, warmup: int)
     size = config.image_size
     images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     ids = jax.block_until_ready(encode_fn(state, images))
-    common = {"config": config_name, "device": jax.devices()[0].device_kind}
+    common = {"bench": "vqvae", "config": config_name, "device": jax.devices()[0].device_kind}
+    peak = MatmulPeak()
     results = []
-    seconds = _time(lambda: encode_fn(state, images).block_until_ready(), iters, warmup)
-    results.append({**common, "op": "encode", "batch": batch, "images_per_s": batch / seconds})
-    seconds = _time(lambda: decode_fn(state, ids).block_until_ready(), iters, warmup)
-    results.append({**common, "op": "decode", "batch": batch, "images_per_s": batch / seconds})
+    encode_once = lambda: encode_fn(state, images).block_until_ready()
+    seconds, gflops = _time(encode_once, iters, warmup, peak)
+    results.append(
+        {
+            **common,
+            "op": "encode",
+            "batch": batch,
+            "images_per_s": batch / seconds,
+            "peak_gflops": gflops,
+        }
+    )
+    decode_once = lambda: decode_fn(state, ids).block_until_ready()
+    seconds, gflops = _time(decode_once, iters, warmup, peak)
+    results.append(
+        {
+            **common,
+            "op": "decode",
+            "batch": batch,
+            "images_per_s": batch / seconds,
+            "peak_gflops": gflops,
+        }
+    )
 
     if train_batch:
         optimizer = create_optimizer(model, train_config)
@@ -74,7 +102,7 @@ def run(config_name: str, batch: int, train_batch: int, iters: int, warmup: int)
             holder["step"] += 1
             jax.block_until_ready(metrics)
 
-        seconds = _time(one_step, iters, warmup)
+        seconds, gflops = _time(one_step, iters, warmup, peak)
         results.append(
             {
                 **common,
@@ -82,6 +110,7 @@ def run(config_name: str, batch: int, train_batch: int, iters: int, warmup: int)
                 "batch": train_batch,
                 "images_per_s": train_batch / seconds,
                 "steps_per_s": 1.0 / seconds,
+                "peak_gflops": gflops,
             }
         )
     return results
@@ -97,14 +126,12 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.config, args.batch, args.train_batch, args.iters, args.warmup)
     for r in results:
-        print(json.dumps(r))
-    print(f"\n{'config':<12} {'op':<11} {'batch':>5} {'images/s':>10} {'steps/s':>8}  device")
-    for r in results:
-        steps = f"{r['steps_per_s']:.2f}" if "steps_per_s" in r else "-"
-        print(
-            f"{r['config']:<12} {r['op']:<11} {r['batch']:>5} {r['images_per_s']:>10.1f} "
-            f"{steps:>8}  {r['device']}"
-        )
+        emit(r)
+    print_table(
+        results,
+        ["config", "op", "batch", "images_per_s", "steps_per_s", "peak_gflops", "device"],
+        title="vqvae throughput (median; peak_gflops: float32 matmul peak read around it)",
+    )
 
 
 if __name__ == "__main__":

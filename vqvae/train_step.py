@@ -112,7 +112,8 @@ def train_step(
     schedules and the noise); key: the run's PRNG key. Returns float32 [] metrics: loss,
     recon_loss, mse, l1, quantizer_loss, commitment, codebook_loss, kl, kl_weight, temperature,
     psnr, codebook_usage and perplexity (of this batch's ids), grad_norm, learning_rate, and for
-    VQ restarted_codes and dead_codes.
+    VQ restarted_codes and dead_codes (plus logit_laplace_nll when weighted). `psnr` is that of
+    the training forward pass (relaxed codes for Gumbel); `eval_step` gives inference PSNR.
     """
     check_images(model.config, images)
     if config.logit_laplace_weight and not model.config.logit_laplace:
