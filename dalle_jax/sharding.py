@@ -285,6 +285,102 @@ def replicated_fraction(tree: Any) -> float:
     return replicated / total if total else 0.0
 
 
+# ---- multi-host ----------------------------------------------------------------------------------
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_seconds: int | None = None,
+    initialization_timeout: int | None = None,
+) -> None:
+    """Joins this process to a multi-process JAX job (call once, before any other jax call).
+
+    On TPU pods and other clusters JAX detects everything itself: call it with no arguments.
+    Elsewhere pass all three, e.g. `("10.0.0.1:1234", 2, 0)`. On CPU, cross-process collectives
+    go through gloo (the default `jax_cpu_collectives_implementation` of this jax); it is set
+    here explicitly so an environment that turned it off still gets working collectives.
+    `heartbeat_timeout_seconds`: how soon the others notice a dead process and exit with an
+    error instead of waiting (jax's default is 100 s).
+    """
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {}
+    if heartbeat_timeout_seconds is not None:
+        kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_seconds
+    if initialization_timeout is not None:
+        kwargs["initialization_timeout"] = initialization_timeout
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kwargs,
+    )
+
+
+def batch_sharding_of(mesh: Mesh, ndim: int, rules: LogicalRules | None = None) -> NamedSharding:
+    """The `NamedSharding` of an array of rank `ndim` whose leading dimension is the batch."""
+    names = ("batch",) + (None,) * (ndim - 1)
+    return NamedSharding(mesh, logical_to_mesh(names, rules, mesh_axis_names=mesh.axis_names))
+
+
+def process_batch_rows(
+    global_batch_size: int, mesh: Mesh, rules: LogicalRules | None = None
+) -> slice:
+    """The rows `[start, stop)` of the global batch this process must load.
+
+    The rows of a process are those its devices hold under the batch sharding. Raises
+    `UserError` when they are not one contiguous block (a mesh whose data axes interleave the
+    processes' devices), since a data loader could not read them as one slice.
+    """
+    sharding = batch_sharding_of(mesh, 1, rules)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    start, stop = min(rows), max(rows) + 1
+    if len(rows) != stop - start:
+        raise UserError(
+            f"this process's devices hold rows {sorted(rows)} of the batch, not one block; "
+            f"order the mesh so each process's devices are adjacent on the data axes"
+        )
+    return slice(start, stop)
+
+
+def host_local_batch_to_global(
+    batch: Mapping[str, Any],
+    mesh: Mesh,
+    global_batch_size: int,
+    rules: LogicalRules | None = None,
+) -> dict[str, jax.Array]:
+    """Assembles the global batch from each process's rows (`process_batch_rows`).
+
+    batch: this process's rows, leading dimension `global_batch_size / process_count` (any
+    dtype). Every process calls it with its own rows; the result is one global `jax.Array`
+    per key, `[global_batch_size, ...]`, split over the data axes. With one process it is
+    `shard_batch`.
+    """
+    ways = data_parallel_size(mesh, rules)
+    if global_batch_size % ways:
+        raise UserError(
+            f"batch size {global_batch_size} is not divisible by the data-parallel size {ways} "
+            f"({_describe(mesh)}); use a batch size that is a multiple of {ways}"
+        )
+    rows = process_batch_rows(global_batch_size, mesh, rules)
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.shape[0] != rows.stop - rows.start:
+            raise UserError(
+                f"batch {key!r} has {value.shape[0]} rows on process {jax.process_index()}, "
+                f"which must load rows {rows.start}..{rows.stop - 1} of the global batch of "
+                f"{global_batch_size}"
+            )
+        sharding = batch_sharding_of(mesh, value.ndim, rules)
+        global_shape = (global_batch_size, *value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
+
+
 # ---- helpers -------------------------------------------------------------------------------------
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
