@@ -1,0 +1,267 @@
+"""Prompts in, images out: the library behind the `sample` command (and later `evaluate`).
+
+    images = generate_images(bundle, ["a red circle"], num_images=4, seed=0)
+    images[0][3]   # uint8 [H, W, 3]: the 4th image of the first prompt
+
+`bundle` is anything with the fields of `dalle_jax.bundle.Bundle` this module reads:
+`transformer` (DalleTransformer), `vqvae` (vqvae VQVAE), `tokenizer` (TextTokenizer),
+`reranker` (a `Reranker` or None) and `sampling` (the bundle's default settings, a dict).
+
+Every image is drawn with its own key, `fold_in(key(seed), g)`, where g is its global index
+(prompt p, image k: g = p * M + k, M images drawn per prompt). Images are sampled in batches of a
+fixed size (the last one padded, so one program compiles), and the sampler draws each row from
+its own key only, so the same seed, settings and bundle give the same images whatever the batch
+size.
+
+Reranking: with `rerank=M` the sampler draws M candidates per prompt, the bundle's reranker
+scores each against its prompt, and the N best (highest score first) are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dalle_jax.errors import UserError
+from dalle_jax.sampling import SamplingSettings, jit_sampler
+
+_log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """What `generate_images(rerank=M)` needs of `bundle.reranker`."""
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """images: uint8 [M, H, W, 3]; prompts: M strings (image i's prompt is prompts[i]).
+        Returns float [M]: how well each image matches its prompt (higher is better)."""
+        ...
+
+
+def score(reranker: Reranker, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+    """The reranking hook: `reranker.score(images, prompts)`, checked to be float [M]."""
+    scores = np.asarray(reranker.score(images, prompts), dtype=np.float64)
+    if scores.shape != (len(images),):
+        raise ValueError(
+            f"reranker returned scores of shape {scores.shape} for {len(images)} images"
+        )
+    return scores
+
+
+def resolve_settings(
+    bundle_sampling: dict[str, Any] | None,
+    *,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float | None = None,
+) -> SamplingSettings:
+    """The bundle's default settings with the given ones on top. None = the bundle's value;
+    top_k 0 and top_p 1 turn that filter off (whatever the bundle says)."""
+    given = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "cfg_scale": cfg_scale,
+    }
+    base = SamplingSettings.from_dict(bundle_sampling)
+    return base.replace(**{k: v for k, v in given.items() if v is not None})
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """Raises UserError for no prompts or an empty one; returns the prompts, stripped."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    if not prompts:
+        raise UserError("no prompts given; pass one or more text prompts")
+    stripped = [str(p).strip() for p in prompts]
+    for number, prompt in enumerate(stripped, start=1):
+        if not prompt:
+            raise UserError(f"prompt {number} is empty; give every prompt some text")
+    return stripped
+
+
+@contextlib.contextmanager
+def _quiet_tokenizer() -> Iterator[None]:
+    # The tokenizer's own truncation warning speaks of training captions; `encode_prompts`
+    # warns in terms of prompts instead.
+    tokenizer_log = logging.getLogger("dalle_jax.tokenizer")
+    previous = tokenizer_log.disabled
+    tokenizer_log.disabled = True
+    try:
+        yield
+    finally:
+        tokenizer_log.disabled = previous
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    text_length: int,
+    *,
+    warn: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Prompts -> int32 [P, text_length]. Prompts longer than the model reads are cut at the end,
+    with one warning (through `warn`, default the logger) for all of them."""
+    prompts = check_prompts(prompts)
+    lengths = tokenizer.count_tokens(prompts)
+    too_long = [i for i, n in enumerate(lengths) if n > text_length]
+    if too_long:
+        first = too_long[0]
+        shown = prompts[first] if len(prompts[first]) <= 60 else prompts[first][:57] + "..."
+        message = (
+            f"{len(too_long)} prompt(s) longer than the {text_length} tokens this model reads "
+            f"were cut (e.g. {shown!r}: {int(lengths[first])} tokens); shorten them to keep "
+            "every word"
+        )
+        (warn or _log.warning)(message)
+    with _quiet_tokenizer():
+        return np.asarray(tokenizer.encode(prompts, text_length), dtype=np.int32)
+
+
+def check_counts(num_images: int, rerank: int | None, batch_size: int, seed: int) -> None:
+    if num_images < 1:
+        raise UserError(f"number of images must be at least 1, got {num_images}")
+    if rerank is not None and rerank < num_images:
+        raise UserError(
+            f"rerank {rerank} is fewer candidates than the {num_images} images to keep; "
+            f"pass a rerank of at least {num_images}"
+        )
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+
+
+def _check_bundle(bundle: Any) -> None:
+    config = bundle.transformer.config
+    grid = bundle.vqvae.config.grid_size
+    if (config.image_rows, config.image_cols) != (grid, grid):
+        raise UserError(
+            f"bundle mismatch: the transformer draws {config.image_rows}x{config.image_cols} "
+            f"image ids but the vqvae decodes {grid}x{grid}; re-export the bundle"
+        )
+
+
+def _decoder(vqvae_model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """A compiled `ids int32 [B, h, w] -> images uint8 [B, H, W, 3]` for the bundle's vqvae."""
+    graphdef, state = nnx.split(vqvae_model)
+    return functools.partial(_compiled_decoder(graphdef), state)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_decoder(graphdef):
+    from vqvae.model import decode  # noqa: PLC0415 - the leaf package, loaded with the model
+
+    @jax.jit
+    def run(state, ids):
+        images = decode(nnx.merge(graphdef, state), ids)  # float32 in [0, 1]
+        return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+    return run
+
+
+def generate_images(
+    bundle: Any,
+    prompts: Sequence[str],
+    *,
+    num_images: int = 4,
+    seed: int = 0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float | None = None,
+    batch_size: int = 8,
+    rerank: int | None = None,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> list[list[np.ndarray]]:
+    """Draws `num_images` images for each prompt.
+
+    prompts: P non-empty strings (UserError otherwise; too long ones are cut, with one warning
+    through `warn`). Sampling settings: None takes the bundle's default (`resolve_settings`).
+    batch_size: images sampled per compiled call. rerank: draw this many candidates per prompt
+    and keep the `num_images` the bundle's reranker scores best (UserError without a reranker).
+    progress: a bar over batches (on a terminal only).
+    Returns P lists of `num_images` uint8 [H, W, 3] images (reranked: best first).
+    """
+    check_counts(num_images, rerank, batch_size, seed)
+    settings = resolve_settings(
+        bundle.sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale
+    )
+    if rerank is not None and bundle.reranker is None:
+        raise UserError(
+            "this bundle has no reranker; sample without rerank, or add one to the bundle "
+            "(dalle_jax.bundle.add_reranker)"
+        )
+    _check_bundle(bundle)
+    config = bundle.transformer.config
+    text_ids = encode_prompts(bundle.tokenizer, prompts, config.text_length, warn=warn)
+    prompts = check_prompts(prompts)
+
+    per_prompt = rerank or num_images
+    total = len(prompts) * per_prompt
+    batch = min(batch_size, total)
+    num_batches = math.ceil(total / batch)
+    sampler = jit_sampler(bundle.transformer, settings)
+    decode = _decoder(bundle.vqvae)
+    base_key = jax.random.key(seed)
+
+    images = []
+    with _progress_bar(num_batches, progress) as bar:
+        for start in range(0, num_batches * batch, batch):
+            # Rows past `total` pad the last batch to the compiled shape; they are dropped.
+            index = np.arange(start, start + batch)
+            rows = text_ids[np.minimum(index, total - 1) // per_prompt]
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(index))
+            ids = sampler(jnp.asarray(rows), keys)
+            ids = ids.reshape(batch, config.image_rows, config.image_cols)
+            images.append(np.asarray(decode(ids))[: max(0, total - start)])
+            bar.update()
+    candidates = np.concatenate(images).reshape(len(prompts), per_prompt, *images[0].shape[1:])
+
+    results = []
+    for prompt, drawn in zip(prompts, candidates, strict=True):
+        if rerank is not None:
+            order = np.argsort(-score(bundle.reranker, drawn, [prompt] * len(drawn)), kind="stable")
+            drawn = drawn[order[:num_images]]
+        results.append(list(drawn))
+    return results
+
+
+class _NoBar:
+    def update(self, steps: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield _NoBar()
+        return
+    from dalle_jax.progress import Progress  # noqa: PLC0415 - tqdm only when asked for
+
+    with Progress(total=total, desc="sampling batches") as bar:
+        yield bar
+
+
+__all__ = [
+    "Reranker",
+    "check_counts",
+    "check_prompts",
+    "encode_prompts",
+    "generate_images",
+    "resolve_settings",
+    "score",
+]
