@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Literal, NamedTuple
@@ -158,9 +159,18 @@ def check_config(
 _NAME_FORMAT = ocp.step.standard_name_format()
 
 
+def absolute(path: PathLike) -> epath.Path:
+    """`path` made absolute when it is local: orbax refuses relative checkpoint paths, and users
+    type `--workdir runs/x`. Remote paths (`gs://...`) are returned as they are."""
+    text = str(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def checkpoints_dir(workdir: PathLike) -> epath.Path:
-    """The folder holding a run's step folders: `WORKDIR/checkpoints`."""
-    return epath.Path(workdir) / CHECKPOINTS_DIRNAME
+    """The folder holding a run's step folders: `WORKDIR/checkpoints` (absolute)."""
+    return absolute(workdir) / CHECKPOINTS_DIRNAME
 
 
 def complete_steps(directory: PathLike) -> list[int]:
@@ -198,7 +208,7 @@ def find_step_dir(path: PathLike, *, flag: str) -> epath.Path:
     or one step folder. `flag` ("--resume", "--init") names the option in error messages.
     Raises `UserError` when nothing complete is found there.
     """
-    path = epath.Path(path)
+    path = absolute(path)
     hint = "pass a workdir, its checkpoints/ folder or one step folder inside it"
     if not path.exists():
         raise UserError(f"{flag} {path}: no such file or directory; {hint}")
@@ -571,7 +581,7 @@ class Checkpointer:
         async_save: bool = True,
         ignore_keys: Iterable[str] = (),
     ):
-        self.workdir = epath.Path(workdir)
+        self.workdir = absolute(workdir)
         self.config = config_to_json(config)
         self.ignore_keys = tuple(ignore_keys)
         policies = ocp.checkpoint_managers

@@ -27,6 +27,7 @@ from dalle_jax.checkpoint import (
     find_step_dir,
     read_json_item,
     restore_or_init,
+    restore_weights,
     tree_is_finite,
 )
 from dalle_jax.errors import UserError
@@ -518,3 +519,14 @@ def test_a_failed_restore_leaves_no_stray_tracebacks(monkeypatch):
     sys.unraisablehook(late_callback)
     sys.unraisablehook(other)
     assert reported == [other]
+
+
+def test_relative_workdir_and_checkpoint_paths_work(tmp_path, monkeypatch):
+    # Users type `--workdir runs/x`; orbax itself only accepts absolute paths.
+    monkeypatch.chdir(tmp_path)
+    state = {"params": {"w": jnp.arange(4.0)}}
+    with Checkpointer("runs/x", config={"model": {"d": 1}}, async_save=False) as checkpointer:
+        checkpointer.save(1, state, force=True)
+    restored = restore_weights("runs/x", {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+    assert (tmp_path / "runs" / "x" / "checkpoints" / "1").is_dir()
