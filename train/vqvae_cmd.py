@@ -10,6 +10,7 @@ import dataclasses
 import json
 
 from train.data_cmd import add_data_dir_argument, no_default
+from train.run_flags import add_resume_arguments
 
 HELP = "Train the vqvae image tokenizer (stage 1); rerun the same command to resume."
 
@@ -91,34 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=no_default("examples of the eval split to evaluate on (0: all of it)"),
     )
-    parser.add_argument(
-        "--resume",
-        default=None,
-        metavar="PATH",
-        help=no_default(
-            "full state (weights, optimizer, step, data position) of another run to continue "
-            "from, when the workdir has no checkpoint yet"
-        ),
-    )
-    parser.add_argument(
-        "--init",
-        default=None,
-        metavar="PATH",
-        help=no_default(
-            "weights only of another run to start from (step 0, fresh optimizer), when the "
-            "workdir has no checkpoint yet"
-        ),
-    )
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default(
-            "stop after N steps of this invocation (checkpointed), e.g. to split a long run "
-            "over sessions; rerun the command to go on"
-        ),
-    )
+    add_resume_arguments(parser)
 
 
 def job_from_args(args: argparse.Namespace):
