@@ -13,56 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
+from bundle_factory import IMAGE_SIZE, make_bundle
 from PIL import Image
 
-from dalle_jax.bundle import add_reranker, export_bundle, load_bundle
+from dalle_jax.bundle import add_reranker, load_bundle
 from dalle_jax.errors import UserError
 from dalle_jax.generate import generate_images
-from dalle_jax.model import DalleTransformer, get_config
-from dalle_jax.tokenizer import TextTokenizer, train_tokenizer
+from dalle_jax.tokenizer import TextTokenizer
 from sample.cli import main
-from vqvae.config import VQVAEConfig
-from vqvae.model import create_model
 
 REPO = Path(__file__).resolve().parents[1]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle", "star"]
-CAPTIONS = [
-    f"a {c} {s} above a {c2} {s2}"
-    for c in COLOURS
-    for s in SHAPES
-    for c2 in COLOURS[:2]
-    for s2 in SHAPES[:2]
-]
-IMAGE_SIZE = 16  # 4x4 ids: the `tiny` transformer's grid
-
-
-def make_bundle(out_dir: Path) -> Path:
-    tokenizer_bytes = train_tokenizer(CAPTIONS, vocab_size=40)
-    vocab = TextTokenizer.from_bytes(tokenizer_bytes).vocab_size
-    transformer_config = get_config("tiny", text_vocab_size=vocab)
-    vqvae_config = VQVAEConfig(
-        name="test16",
-        image_size=IMAGE_SIZE,
-        downsample_factor=4,
-        base_channels=8,
-        channel_multipliers=(1, 2, 2),
-        num_res_blocks=1,
-        num_groups=4,
-        codebook_size=32,
-        code_dim=8,
-    )
-    return export_bundle(
-        out_dir,
-        transformer_config=transformer_config,
-        transformer_state=DalleTransformer(transformer_config, rngs=nnx.Rngs(0)),
-        vqvae_config=vqvae_config,
-        vqvae_state=create_model(vqvae_config, seed=0),
-        tokenizer_bytes=tokenizer_bytes,
-        sampling={"temperature": 1.0, "top_k": 16, "top_p": None, "cfg_scale": 2.0},
-        provenance={"made_by": "tests/test_sample_cli.py"},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "dalle": "train.dalle_cmd",
     "export": "train.export_cmd",
     "reranker": "train.reranker_cmd",
+    "recipe": "train.recipe_cmd",
 }
 
 
@@ -44,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def run_subcommand(argv: Sequence[str] | None) -> int:
+    """Parses and runs one `train` command line; user errors propagate (see `main`)."""
     args = build_parser().parse_args(argv)
     return args._run(args)
+
+
+_main = run_subcommand
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`train export --workdir DIR --vqvae VQDIR --tokenizer FILE --out BUNDLE`: a model bundle.
+"""`train export --workdir DIR --vqvae VQDIR --tokenizer FILE --out BUNDLE [--reranker RDIR]`.
 
 Writes the latest checkpoint of a `train dalle` run, with its vqvae and tokenizer, as one
 self-describing folder that `sample --model BUNDLE` loads (see `dalle_jax.bundle`).
@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", required=True, metavar="BUNDLE", help=no_default("the bundle folder to write")
     )
     parser.add_argument(
+        "--reranker",
+        metavar="DIR",
+        help=no_default(
+            "a `train reranker` workdir trained with the same tokenizer: stored in the bundle "
+            "for `sample --rerank`"
+        ),
+    )
+    parser.add_argument(
         "--weights-dtype",
         default="float32",
         choices=("float32", "bfloat16"),
@@ -59,5 +67,11 @@ def run(args: argparse.Namespace) -> int:
         weights_dtype=args.weights_dtype,
         overwrite=args.overwrite,
     )
-    print(f"bundle written to {out}")
+    if args.reranker:
+        from dalle_jax.bundle import add_reranker
+        from dalle_jax.reranker_training import load_reranker
+
+        reranker, reranker_config = load_reranker(args.reranker)
+        add_reranker(out, reranker_config, reranker)
+    print(f"bundle written to {out}" + (" (with its reranker)" if args.reranker else ""))
     return 0

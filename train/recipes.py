@@ -1,0 +1,225 @@
+"""Recipes: the sequence of `train` commands that produces a shipped bundle, as data.
+
+A recipe is a function of its working directory (and the prepared-data directory) returning the
+steps, each a name and the argv of one `train` subcommand. `train recipe NAME --workdir DIR` runs
+them in order (`recipe_cmd`); `--dry-run` prints them, which is also the documented way to run
+them by hand. Every step is itself resumable, so a recipe cut short (a session ending, a killed
+job) is finished by running the same command again.
+
+The shipped `shapes` vqvae was trained in two phases (2,500 steps, then resumed to 4,500 with a
+new cosine schedule, because the first phase missed its PSNR target); the recipe keeps both
+phases so that it reproduces that model, not a similar one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One `train` subcommand of a recipe: `train *argv`."""
+
+    name: str
+    argv: tuple[str, ...]
+
+
+def _data_flags(data_dir: str | None) -> list[str]:
+    return ["--data-dir", data_dir] if data_dir else []
+
+
+def _bundle_steps(
+    w: Path,
+    *,
+    dalle_config: str,
+    reranker_config: str,
+    dataset: str,
+    data_dir: str | None,
+    extra: dict[str, list[str]] | None = None,
+) -> list[Step]:
+    """encode -> dalle -> reranker -> export, shared by every recipe."""
+    extra = extra or {}
+    tokenizer, vqvae = str(w / "tokenizer.model"), str(w / "vqvae")
+    return [
+        Step(
+            "encode",
+            (
+                "encode",
+                "--vqvae",
+                vqvae,
+                "--tokenizer",
+                tokenizer,
+                "--dataset",
+                dataset,
+                "--out",
+                str(w / "encoded"),
+                "--overwrite",
+                *_data_flags(data_dir),
+                *extra.get("encode", []),
+            ),
+        ),  # fmt: skip
+        Step(
+            "dalle",
+            (
+                "dalle",
+                "--config",
+                dalle_config,
+                "--workdir",
+                str(w / "dalle"),
+                "--data",
+                str(w / "encoded"),
+                "--vqvae",
+                vqvae,
+                "--tokenizer",
+                tokenizer,
+                *extra.get("dalle", []),
+            ),
+        ),  # fmt: skip
+        Step(
+            "reranker",
+            (
+                "reranker",
+                "--config",
+                reranker_config,
+                "--workdir",
+                str(w / "reranker"),
+                "--tokenizer",
+                tokenizer,
+                "--dataset",
+                dataset,
+                *_data_flags(data_dir),
+                *extra.get("reranker", []),
+            ),
+        ),  # fmt: skip
+        Step(
+            "export",
+            (
+                "export",
+                "--workdir",
+                str(w / "dalle"),
+                "--vqvae",
+                vqvae,
+                "--tokenizer",
+                tokenizer,
+                "--reranker",
+                str(w / "reranker"),
+                "--out",
+                str(w / "bundle"),
+                "--weights-dtype",
+                "bfloat16",
+                "--overwrite",
+            ),
+        ),  # fmt: skip
+    ]
+
+
+def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
+    """The default bundle: shapes_world at 64 px (8x8 ids of 512 codes), 6-layer transformer."""
+    w, dataset = Path(workdir), "shapes_world/64"
+    data = ["--dataset", dataset, *_data_flags(data_dir)]
+    vqvae = ["vqvae", "--config", "shapes64", "--workdir", str(w / "vqvae"), "--eval-every",
+             "500", "--checkpoint-every", "250", *_data_flags(data_dir)]  # fmt: skip
+    return [
+        Step("data", ("data", *data)),
+        Step(
+            "tokenizer",
+            (
+                "tokenizer",
+                *data,
+                "--vocab-size",
+                "1000",
+                "--model-type",
+                "bpe",
+                "--out",
+                str(w / "tokenizer.model"),
+            ),
+        ),  # fmt: skip
+        Step("vqvae", (*vqvae, "--steps", "2500")),
+        Step("vqvae-continued", (*vqvae, "--steps", "4500")),
+        *_bundle_steps(
+            w, dalle_config="shapes", reranker_config="small", dataset=dataset, data_dir=data_dir
+        ),
+    ]
+
+
+def emoji(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
+    """The `emoji` bundle: emoji at 32 px (Noto, Twemoji, OpenMoji; 8x8 ids of 512 codes)."""
+    w, dataset = Path(workdir), "emoji/32"
+    data = ["--dataset", dataset, *_data_flags(data_dir)]
+    return [
+        Step("data", ("data", *data)),
+        Step(
+            "tokenizer",
+            ("tokenizer", *data, "--vocab-size", "1000", "--out", str(w / "tokenizer.model")),
+        ),  # fmt: skip
+        Step(
+            "vqvae",
+            (
+                "vqvae",
+                "--config",
+                "emoji32",
+                "--workdir",
+                str(w / "vqvae"),
+                "--eval-every",
+                "500",
+                "--checkpoint-every",
+                "500",
+                *_data_flags(data_dir),
+            ),
+        ),  # fmt: skip
+        *_bundle_steps(
+            w, dalle_config="emoji", reranker_config="emoji", dataset=dataset, data_dir=data_dir
+        ),
+    ]
+
+
+def tiny(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
+    """Every step of a real recipe in about a minute, on shapes_world/tiny32 (tests)."""
+    w, dataset = Path(workdir), "shapes_world/tiny32"
+    data = ["--dataset", dataset, *_data_flags(data_dir)]
+    return [
+        Step("data", ("data", *data)),
+        Step(
+            "tokenizer",
+            (
+                "tokenizer",
+                *data,
+                "--vocab-size",
+                "64",
+                "--model-type",
+                "bpe",
+                "--out",
+                str(w / "tokenizer.model"),
+            ),
+        ),  # fmt: skip
+        Step(
+            "vqvae",
+            (
+                "vqvae",
+                "--config",
+                "tiny",
+                "--workdir",
+                str(w / "vqvae"),
+                "--steps",
+                "6",
+                *_data_flags(data_dir),
+            ),
+        ),  # fmt: skip
+        *_bundle_steps(
+            w,
+            dalle_config="tiny",
+            reranker_config="tiny",
+            dataset=dataset,
+            data_dir=data_dir,
+            extra={
+                "encode": ["--text-length", "16"],
+                "dalle": ["--steps", "6"],
+                "reranker": ["--steps", "6"],
+            },  # fmt: skip
+        ),
+    ]
+
+
+RECIPES: dict[str, Callable[..., list[Step]]] = {"shapes": shapes, "emoji": emoji, "tiny": tiny}
