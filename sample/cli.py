@@ -31,6 +31,16 @@ DEFAULT_OUT = "samples"
 MANIFEST_NAME = "manifest.json"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: ...)` unless the help already says its default or the flag is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or "(default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sample",
@@ -38,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Generate images for text prompts with a trained dalle-jax bundle. Writes one PNG "
             "grid per prompt, each image on its own, and OUT/manifest.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bundle_default = "the bundle's default"
     parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts", default=[])
@@ -46,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts-file",
         metavar="FILE",
         default=None,
-        help="a text file with one prompt per line (blank lines are skipped), after any PROMPTs",
+        help=(
+            "a text file with one prompt per line (blank lines are skipped), after any PROMPTs "
+            "(default: none)"
+        ),
     )
     parser.add_argument(
         "--model",

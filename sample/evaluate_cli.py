@@ -16,22 +16,13 @@ import sys
 from collections.abc import Sequence
 
 from dalle_jax.errors import UserError, run_cli
+from sample.cli import HelpFormatter
 
 DEFAULT_OUT = "evaluation"
 # Mirrors dalle_jax.evaluation.evaluate (kept here so --help needs no jax import).
 METRIC_GROUPS = ("judge", "r_precision", "fd", "loss", "vqvae")
 DEFAULT_NUM_PROMPTS = 1000
 DEFAULT_BATCH_SIZE = 64
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends `(default: ...)` unless the help already says its default or the flag is required."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.required or "(default:" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(reconstruction PSNR, codebook usage). Metrics that cannot be measured (no "
             "reranker, not shapes_world) are reported as n/a with the reason."
         ),
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     bundle_default = "the bundle's default"
     parser.add_argument(
