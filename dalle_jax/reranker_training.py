@@ -175,6 +175,15 @@ JOBS: dict[str, RerankerJob] = {
         dataset="shapes_world/64",
         eval_every=200,
     ),
+    # emoji/32 (11k images, all three art styles): ~7 epochs; the model runs at 32 px.
+    "emoji": RerankerJob(
+        name="emoji",
+        model=rr.get_config("small"),
+        train=RerankerTrainConfig(batch_size=128, total_steps=600, warmup_steps=50),
+        dataset="emoji/32",
+        eval_every=200,
+        eval_max_examples=600,
+    ),
 }
 
 

@@ -318,6 +318,29 @@ def initialize_distributed(
     )
 
 
+def detected_cluster() -> str | None:
+    """The name of the cluster environment `jax.distributed.initialize()` can configure itself
+    from with no arguments (a Cloud TPU VM pod slice, Slurm, Open MPI, ...), or None here.
+
+    Reads jax's own detectors, so it agrees with what `initialize()` would do; they are not
+    public API, so a jax without them counts as "no cluster" (pass the three flags then).
+    Call it after `import jax` (which notes a Cloud TPU VM) and before any device is used.
+    """
+    try:
+        from jax._src.clusters import ClusterEnv
+    except ImportError:
+        return None
+    for env in getattr(ClusterEnv, "_cluster_types", ()):
+        if getattr(env, "opt_in_only_method", False):
+            continue  # mpi4py: only when asked for by name
+        try:
+            if env.is_env_present():
+                return env.__name__
+        except Exception:  # a detector that cannot tell (missing package, no metadata server)
+            continue
+    return None
+
+
 def batch_sharding_of(mesh: Mesh, ndim: int, rules: LogicalRules | None = None) -> NamedSharding:
     """The `NamedSharding` of an array of rank `ndim` whose leading dimension is the batch."""
     names = ("batch",) + (None,) * (ndim - 1)

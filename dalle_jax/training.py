@@ -45,7 +45,7 @@ from dalle_jax.bundle import check_compatible, export_bundle
 from dalle_jax.data import pipeline
 from dalle_jax.errors import UserError
 from dalle_jax.images import make_grid, reconstruction_grid
-from dalle_jax.loop_utils import host_batch_to_global, pad_rows, round_up, whole_batch_to_global
+from dalle_jax.loop_utils import pad_rows, round_up, whole_batch_to_global
 from dalle_jax.metrics import MetricWriter, to_host_scalars
 from dalle_jax.model.config import DalleConfig, get_config
 from dalle_jax.model.loss import cross_entropy
@@ -57,10 +57,12 @@ from dalle_jax.sharding import (
     LogicalRules,
     MeshConfig,
     data_parallel_size,
+    host_local_batch_to_global,
     logical_to_mesh,
     make_mesh,
     override_rules,
     param_shardings,
+    process_batch_rows,
     use_rules,
 )
 from dalle_jax.tokenizer import TextTokenizer
@@ -175,11 +177,12 @@ JOBS: dict[str, DalleJob] = {
         grid_examples=4,
     ),
     # The CPU demo: shapes_world/64 encoded with the shapes64 vqvae (8x8 ids of 512 codes) and
-    # `train encode`'s default 32 caption ids; about 2 hours on 2 cores.
+    # `train encode`'s default 32 caption ids. ~4,000-5,000 tokens/s on 2 idle cores, so 4,000
+    # steps (128k examples, 1.3 epochs) take 40-50 minutes.
     "shapes": DalleJob(
         name="shapes",
         model=get_config("small"),
-        optim=OptimConfig(learning_rate=1e-3, warmup_steps=200, total_steps=6000),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=200, total_steps=4000),
         batch_size=32,
         log_every=50,
         eval_every=500,
@@ -188,11 +191,12 @@ JOBS: dict[str, DalleJob] = {
         sample_captions=SHAPES_CAPTIONS,
         grid_examples=8,
     ),
-    # emoji/32 encoded with the emoji32 vqvae (8x8 ids of 512 codes).
+    # emoji/32 encoded with the emoji32 vqvae (8x8 ids of 512 codes): 11k training images, so
+    # 2,500 steps are ~7 epochs (~30 minutes on 2 idle cores).
     "emoji": DalleJob(
         name="emoji",
         model=get_config("small"),
-        optim=OptimConfig(learning_rate=1e-3, warmup_steps=200, total_steps=6000),
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=200, total_steps=2500),
         batch_size=32,
         log_every=50,
         eval_every=500,
@@ -201,6 +205,26 @@ JOBS: dict[str, DalleJob] = {
         grid_examples=8,
     ),
 }
+
+# A TPU pod job (docs/multihost.md): the ~1.1B-parameter `1b` transformer (bfloat16 compute,
+# remat, DALL-E's sparse attention) on 32x32 ids of the `base` vqvae (8192 codes) and 128
+# caption ids (`train encode --text-length 128`), every chip on the fsdp axis. Sized with
+# `python -m bench.memory --config 1b --mesh 1,N,1 --batch 512`: about 7.4 GiB per chip on a
+# v4-64 (32 chips of 32 GiB) and 3.7 GiB on a v5litepod-64 (64 chips of 16 GiB), activations
+# included, XLA's temporaries not. 50k steps of 512 is 26M examples: set --steps for your data.
+JOBS["pod-1b"] = DalleJob(
+    name="pod-1b",
+    model=get_config("1b"),
+    optim=OptimConfig(learning_rate=3e-4, warmup_steps=2000, total_steps=50_000),
+    batch_size=512,
+    mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+    log_every=100,
+    eval_every=5000,
+    checkpoint_every=1000,
+    eval_max_examples=4096,
+    eval_batch_size=256,
+    grid_examples=8,
+)
 
 
 def get_job(name: str) -> DalleJob:
@@ -265,6 +289,45 @@ def check_batch(batch_size: int, mesh: Mesh, rules: LogicalRules) -> None:
             f"batch size {batch_size} is not divisible by the {ways}-way data parallelism "
             f"({hosts} hosts) it is split over; pick a multiple of {math.lcm(ways, hosts)}"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class HostShard:
+    """What this process feeds of every global batch: `rows` consecutive rows of it, read from
+    shard `index` of `count` equal shards of the training data.
+
+    The rows are those this process's devices hold under the batch sharding
+    (`sharding.process_batch_rows`). Processes whose devices hold the same rows (a mesh that
+    does not split the batch across them, e.g. a tensor axis spanning hosts) get the same
+    shard, so they read identical examples; with the batch split over every process, shard
+    `index` is this process's block of rows and `count` the number of processes.
+    """
+
+    rows: int
+    index: int
+    count: int
+
+
+def host_shard(batch_size: int, mesh: Mesh, rules: LogicalRules) -> HostShard:
+    rows = process_batch_rows(batch_size, mesh, rules)
+    per_host = rows.stop - rows.start
+    return HostShard(rows=per_host, index=rows.start // per_host, count=batch_size // per_host)
+
+
+def data_state_for_host(data_state: dict[str, Any] | None, shard: HostShard):
+    """The saved input-pipeline state, as this process resumes from it.
+
+    A checkpoint holds process 0's iterator state. Every process takes one batch per step from
+    a shard of equal length, so their positions agree and only the shard number in the state's
+    fingerprint differs: each process takes the saved state with its own. A state saved with
+    another number of shards is left alone (the pipeline refuses it, naming the counts).
+    """
+    if not data_state or not isinstance(data_state.get("pipeline"), Mapping):
+        return data_state
+    saved = data_state["pipeline"]
+    if saved.get("process_count") != shard.count:
+        return data_state
+    return {**data_state, "pipeline": {**saved, "process_index": shard.index}}
 
 
 # ----------------------------------------------------------------------------- state
@@ -530,9 +593,13 @@ def sample_grid(
     of eval captions in the row above their samples)."""
     model = nnx.merge(model_graphdef(config), model_state)
     replicated = NamedSharding(mesh, PartitionSpec())
+    # Host values go onto the mesh as numpy: a jax.Array made on this process's own device
+    # cannot be placed on devices of other processes (multi-host). Every host holds the same.
+    key_data = jax.device_put(np.asarray(jax.random.key_data(key)), replicated)
+    keys = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key))
     with on_mesh(mesh, rules):
         sampler = jit_sampler(model, settings)
-        ids = sampler(jax.device_put(prompts.text_ids, replicated), jax.device_put(key, replicated))
+        ids = sampler(jax.device_put(np.asarray(prompts.text_ids), replicated), keys)
     ids = _to_host(ids).reshape(-1, config.image_rows, config.image_cols)
     vqvae_graphdef, vqvae_state = nnx.split(vqvae)
     decode = compiled_vqvae_decode(vqvae_graphdef)
@@ -613,7 +680,7 @@ def train_and_evaluate(
     rules = resolve_rules(job.rules)
     mesh = make_mesh(job.mesh, devices)
     check_batch(job.batch_size, mesh, rules)
-    per_host_batch = job.batch_size // jax.process_count()
+    shard = host_shard(job.batch_size, mesh, rules)
     eval_batch = job.eval_batch_size or job.batch_size
     optim, seed = job.optim, job.seed
     graphdef = train_graphdef(config, optim)
@@ -621,11 +688,12 @@ def train_and_evaluate(
     init_fn = compiled_init(config, optim, seed, mesh, rules)
 
     # Everything that can refuse the input runs before the first file is written.
-    loader = pipeline.LoaderConfig.train(per_host_batch, seed=seed)
-    train_data = pipeline.encoded_dataset(train_dir, loader)
+    loader = pipeline.LoaderConfig.train(shard.rows, seed=seed)
+    train_data = pipeline.encoded_dataset(
+        train_dir, loader, process_index=shard.index, process_count=shard.count
+    )
     prompts = grid_prompts(job, eval_dir, tokenizer_model) if vqvae_model is not None else None
     step_fn = compiled_train_step(config, optim, seed, mesh, rules)
-    sharding = batch_sharding(mesh, rules)
     total = optim.total_steps
 
     checkpointer = ckpt.Checkpointer(
@@ -655,7 +723,7 @@ def train_and_evaluate(
     step = start_step
     try:
         if restored.data_state is not None:
-            data_iter.set_state(restored.data_state)
+            data_iter.set_state(data_state_for_host(restored.data_state, shard))
         shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
         progress.write(
             f"dalle {job.name}: {restored.how}; mesh {shape}, batch {job.batch_size}, "
@@ -675,10 +743,12 @@ def train_and_evaluate(
         last_log_step, tick = step, time.perf_counter()
         while step < stop_step:
             batch = next(data_iter)
-            placed = {
-                "text_ids": host_batch_to_global(batch["text_ids"], sharding),
-                "image_ids": host_batch_to_global(batch["image_ids"], sharding),
-            }
+            placed = host_local_batch_to_global(
+                {"text_ids": batch["text_ids"], "image_ids": batch["image_ids"]},
+                mesh,
+                job.batch_size,
+                rules,
+            )
             state, metrics = step_fn(state, placed)
             step += 1
             progress.update()

@@ -312,3 +312,10 @@ def test_cli_help_and_user_errors(tmp_path, capsys):
     # No tokenizer given and none in the (new) workdir: a one-line error, exit 2.
     assert main(["reranker", "--config", "tiny", "--workdir", str(tmp_path / "new")]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_the_cli_offers_every_reranker_job():
+    # The CLI lists the job names without importing jax; the list must follow JOBS.
+    from train.reranker_cmd import CONFIG_NAMES
+
+    assert set(CONFIG_NAMES) == set(rt.JOBS)

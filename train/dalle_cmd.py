@@ -12,11 +12,11 @@ import dataclasses
 import json
 
 from train.data_cmd import no_default
-from train.run_flags import add_resume_arguments
+from train.run_flags import add_distributed_arguments, add_resume_arguments, start_distributed
 
 HELP = "Train the text-to-image transformer (stage 2) on encoded data; rerun to resume."
 
-CONFIG_NAMES = ("tiny", "shapes", "emoji")  # dalle_jax.training.JOBS
+CONFIG_NAMES = ("tiny", "shapes", "emoji", "pod-1b")  # dalle_jax.training.JOBS
 
 
 def _mesh(text: str):
@@ -29,7 +29,7 @@ def _mesh(text: str):
     except ValueError:
         sizes = []
     if len(sizes) != 3:
-        raise UserError(f"--mesh {text!r}: give three sizes DATA,FSDP,TENSOR, e.g. 2,2,2 or -1,1,1")
+        raise UserError(f"--mesh {text!r}: give three sizes DATA,FSDP,TENSOR, e.g. 2,2,2 or 1,-1,1")
     return MeshConfig(*sizes)
 
 
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         default="shapes",
         choices=CONFIG_NAMES,
-        help="job config: model, optimizer, batch and intervals together (tiny is for tests)",
+        help="job config: model, optimizer, batch and intervals together (tiny is for tests, "
+        "pod-1b for TPU pods: docs/multihost.md)",
     )
     parser.add_argument(
         "--workdir",
@@ -102,7 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="D,F,T",
         help=no_default(
-            "mesh axis sizes data,fsdp,tensor; -1 fills (default: every device on data, -1,1,1)"
+            "mesh axis sizes data,fsdp,tensor; -1 fills, e.g. 2,-1,1 (default: every device on "
+            "data; a leading -1 needs the = form: --mesh=-1,1,1)"
         ),
     )
     for flag, what in (
@@ -119,6 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=no_default("examples of the eval split to evaluate on (0: all of it)"),
     )
     add_resume_arguments(parser)
+    add_distributed_arguments(parser)
 
 
 def job_from_args(args: argparse.Namespace):
@@ -153,6 +156,9 @@ def job_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    start_distributed(args)  # before anything touches a device
+    import jax
+
     from dalle_jax.training import train_and_evaluate
 
     job = job_from_args(args)
@@ -165,6 +171,6 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         stop_after=args.stop_after,
     )
-    if metrics:
+    if metrics and jax.process_index() == 0:
         print(json.dumps({"final_eval": metrics}))
     return 0

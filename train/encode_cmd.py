@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from train.data_cmd import add_data_dir_argument, add_folder_arguments, no_default
+from train.run_flags import add_distributed_arguments, start_distributed
 
 HELP = "Encode a prepared dataset once into stage-2 records: caption ids + vqvae image ids."
 
@@ -66,9 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace records already in the output folders",
     )
+    add_distributed_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    start_distributed(args)  # before anything touches a device
+    import jax
+
     from dalle_jax.encode import encode_dataset
     from train.data_cmd import builder_kwargs, quiet_tfds_noise
 
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         builder_kwargs=builder_kwargs(args),
         overwrite=args.overwrite,
     )
-    for split, metadata in written.items():
+    for split, metadata in written.items() if jax.process_index() == 0 else ():
         h, w = metadata.image_grid
         print(
             f"{split}: {metadata.count} records in {len(metadata.shards)} shard(s) -> "

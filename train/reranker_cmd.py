@@ -12,10 +12,11 @@ import dataclasses
 import json
 
 from train.data_cmd import add_data_dir_argument, no_default
+from train.run_flags import add_distributed_arguments, start_distributed
 
 HELP = "Train the contrastive text-image reranker (CLIP-style); rerun the same command to resume."
 
-CONFIG_NAMES = ("tiny", "small")  # dalle_jax.reranker_training.JOBS
+CONFIG_NAMES = ("tiny", "small", "emoji")  # dalle_jax.reranker_training.JOBS (kept import-light)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "stop after N steps of this invocation (checkpointed); rerun the command to go on"
         ),
     )
+    add_distributed_arguments(parser)
 
 
 def job_from_args(args: argparse.Namespace):
@@ -164,14 +166,17 @@ def job_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    start_distributed(args)  # before anything touches a device
     import time
+
+    import jax
 
     from dalle_jax.reranker_training import train_and_evaluate
 
     job = job_from_args(args)
     start = time.perf_counter()
     metrics = train_and_evaluate(job, args.workdir, stop_after=args.stop_after)
-    if metrics:
+    if metrics and jax.process_index() == 0:
         print(
             f"validation retrieval (image -> text among {metrics['group']} captions): "
             f"top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}; same text: top-1 "

@@ -10,7 +10,7 @@ import dataclasses
 import json
 
 from train.data_cmd import add_data_dir_argument, no_default
-from train.run_flags import add_resume_arguments
+from train.run_flags import add_distributed_arguments, add_resume_arguments, start_distributed
 
 HELP = "Train the vqvae image tokenizer (stage 1); rerun the same command to resume."
 
@@ -93,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=no_default("examples of the eval split to evaluate on (0: all of it)"),
     )
     add_resume_arguments(parser)
+    add_distributed_arguments(parser)
 
 
 def job_from_args(args: argparse.Namespace):
@@ -129,12 +130,15 @@ def job_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    start_distributed(args)  # before anything touches a device
+    import jax
+
     from dalle_jax.vqvae_training import train_and_evaluate
 
     job = job_from_args(args)
     metrics = train_and_evaluate(
         job, args.workdir, resume=args.resume, init=args.init, stop_after=args.stop_after
     )
-    if metrics:
+    if metrics and jax.process_index() == 0:
         print(json.dumps({"final_eval": metrics}))
     return 0
