@@ -723,7 +723,7 @@ def train_and_evaluate(
     step = start_step
     try:
         if restored.data_state is not None:
-            data_iter.set_state(data_state_for_host(restored.data_state, shard))
+            data_iter.set_state_from_any_process(restored.data_state)
         shape = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
         progress.write(
             f"dalle {job.name}: {restored.how}; mesh {shape}, batch {job.batch_size}, "
@@ -861,10 +861,12 @@ def export_workdir(
     weights_dtype: str = "float32",
     overwrite: bool = False,
     vqvae_model: Any | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> Path:
     """`train export`: the latest checkpoint of a `train dalle` workdir (or a step folder), the
     vqvae and the tokenizer as one bundle in `out` (see `dalle_jax.bundle`). The sampling
-    defaults are the run's; provenance records the paths, step, date and last eval metrics.
+    defaults are the run's, updated with `sampling` (e.g. settings chosen on validation);
+    provenance records the paths, step, date and last eval metrics.
     Every process calls it in a multi-host run; process 0 writes."""
     from dalle_jax.vqvae_training import load_vqvae
 
@@ -903,7 +905,9 @@ def export_workdir(
             vqvae_config=vqvae_model.config,
             vqvae_state=nnx.state(vqvae_model),
             tokenizer_bytes=tokenizer_model.to_bytes(),
-            sampling=job.get("sampling"),
+            sampling=SamplingSettings.from_dict(
+                {**(job.get("sampling") or {}), **(sampling or {})}
+            ).to_dict(),
             provenance=provenance,
             weights_dtype=weights_dtype,
             overwrite=overwrite,

@@ -33,6 +33,7 @@ def test_tiny_recipe_makes_a_bundle_with_reranker_and_resumes_by_skipping(tmp_pa
     bundle = load_bundle(workdir / "bundle")
     assert bundle.meta["weights_dtype"] == "bfloat16"
     assert bundle.reranker is not None
+    assert bundle.sampling["cfg_scale"] == 2.0  # the recipe's export flag over the run's 1.0
     assert bundle.transformer.config.text_vocab_size == bundle.tokenizer.vocab_size
     state = json.loads((workdir / STATE_FILE).read_text())
     assert state["recipe"] == "tiny"

@@ -54,6 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a bundle already in --out"
     )
+    defaults = parser.add_argument_group(
+        "sampling defaults stored in the bundle (default: the run's; pick them on the "
+        "validation split with `evaluate --split validation`)"
+    )
+    defaults.add_argument("--temperature", type=float, metavar="T", help=no_default("0 = greedy"))
+    defaults.add_argument("--top-k", type=int, metavar="K", help=no_default("0 = off"))
+    defaults.add_argument("--top-p", type=float, metavar="P", help=no_default("1 = off"))
+    defaults.add_argument(
+        "--cfg-scale", type=float, metavar="C", help=no_default("classifier-free guidance; 1 = off")
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         weights_dtype=args.weights_dtype,
         overwrite=args.overwrite,
+        sampling={
+            key: value
+            for key in ("temperature", "top_k", "top_p", "cfg_scale")
+            if (value := getattr(args, key)) is not None
+        },
     )
     if args.reranker:
         from dalle_jax.bundle import add_reranker

@@ -110,6 +110,7 @@ def _bundle_steps(
                 "--weights-dtype",
                 "bfloat16",
                 "--overwrite",
+                *extra.get("export", []),
             ),
         ),  # fmt: skip
     ]
@@ -217,6 +218,7 @@ def tiny(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
                 "encode": ["--text-length", "16"],
                 "dalle": ["--steps", "6"],
                 "reranker": ["--steps", "6"],
+                "export": ["--cfg-scale", "2"],
             },  # fmt: skip
         ),
     ]
