@@ -11,12 +11,18 @@ The vqvae runs jitted and data-parallel: a global batch of `batch_size` examples
 a multiple of the device count) is split over the `data` mesh axis, and the last, short batch
 is padded to the full size, so a whole dataset runs on one compiled program.
 
-Multi-host (designed, untested here: the tests run one process): every process calls
-`encode_split` with the same arguments. Global batch g covers examples [g*B, (g+1)*B); each
-process loads only the rows its own devices hold, the ids come back replicated, and process 0
-alone writes, so the output is one directory with records in source order. The others wait at
-a barrier and then read the metadata back, so `out_dir` must be on a filesystem every host
-sees (as checkpoints must be).
+Multi-host: every process calls `encode_split` with the same arguments. Global batch g covers
+examples [g*B, (g+1)*B); each process loads only the rows its own devices hold, the ids come
+back replicated, and process 0 alone writes, so the output is one directory with records in
+source order. The others wait at a barrier and then read the metadata back, so `out_dir` must
+be on a filesystem every host sees (as checkpoints must be). Tested as two processes on one
+machine (`train encode --coordinator-address/--num-processes/--process-id`,
+tests/test_multihost_cli.py): they write the same records, bit for bit, as one process.
+Not run on several machines.
+
+A split is written under the name it was asked for: `OUT/validation/` holds the dataset's
+validation split even where the dataset calls it otherwise (COCO's `val`; the metadata's
+`extra["split"]` names the split actually read).
 """
 
 from __future__ import annotations

@@ -522,7 +522,8 @@ def train_and_evaluate(
     step = start_step
     try:
         if restored.data_state is not None:
-            data_iter.set_state(restored.data_state)
+            # The checkpoint holds process 0's position: every process resumes it in its shard.
+            data_iter.set_state_from_any_process(restored.data_state)
         progress.write(
             f"reranker {job.name}: {restored.how}; {mesh.size} devices, batch "
             f"{train_config.batch_size}, {train_split.num_examples} training examples at "

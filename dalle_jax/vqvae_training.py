@@ -53,6 +53,9 @@ RESUMABLE_KEYS = (
     "job.eval_max_examples",
     "job.data_dir",
     "job.grid_examples",
+    # Where the dataset is read from (image_folder's folder), like data_dir; absent from the
+    # configs of checkpoints written before it existed.
+    "job.builder_kwargs",
 )
 
 
@@ -72,6 +75,9 @@ class VQVAEJob:
     eval_max_examples: int | None = 2048  # None: the whole eval split
     grid_examples: int = 16
     data_dir: str | None = None
+    # The dataset builder's keyword arguments, e.g. (("folder", "/my/pictures"),) for
+    # image_folder (`train vqvae --folder DIR [--image-size S]`).
+    builder_kwargs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         for field in ("log_every", "eval_every", "checkpoint_every"):
@@ -85,13 +91,9 @@ class VQVAEJob:
             raise UserError(f"grid_examples must be >= 0, got {self.grid_examples}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.to_dict(),
-            "train": self.train.to_dict(),
-            "job": {
-                k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "train")
-            },
-        }
+        job = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "train")}
+        job["builder_kwargs"] = dict(self.builder_kwargs)
+        return {"model": self.model.to_dict(), "train": self.train.to_dict(), "job": job}
 
     def replace(self, **changes: Any) -> VQVAEJob:
         return dataclasses.replace(self, **changes)
@@ -182,7 +184,7 @@ def _init(model_config: VQVAEConfig, train_config: TrainConfig) -> tuple[VQVAE, 
 
 
 def _to_checkpoint(state: nnx.State) -> dict[str, Any]:
-    return {"params": state[0].to_pure_dict(), "opt": state[1].to_pure_dict()}
+    return {"params": nnx.to_pure_dict(state[0]), "opt": nnx.to_pure_dict(state[1])}
 
 
 def _from_checkpoint(template: nnx.State, tree: Mapping[str, Any]) -> nnx.State:
@@ -397,8 +399,13 @@ def train_and_evaluate(
     mesh = data_mesh(devices)
     check_batch_divides(job.train.batch_size, mesh)
     per_host_batch = job.train.batch_size // jax.process_count()
-    train_split = pipeline.open_split(job.dataset, job.train_split, data_dir=job.data_dir)
-    eval_split = pipeline.open_split(job.dataset, job.eval_split, data_dir=job.data_dir)
+    dataset_kwargs = dict(job.builder_kwargs)
+    train_split = pipeline.open_split(
+        job.dataset, job.train_split, data_dir=job.data_dir, **dataset_kwargs
+    )
+    eval_split = pipeline.open_split(
+        job.dataset, job.eval_split, data_dir=job.data_dir, **dataset_kwargs
+    )
     judge = job.dataset.split("/")[0] == "shapes_world"
 
     graphdef = train_graphdef(job.model, job.train)
@@ -445,7 +452,8 @@ def train_and_evaluate(
     step = start_step
     try:
         if restored.data_state is not None:
-            data_iter.set_state(restored.data_state)
+            # The checkpoint holds process 0's position: every process resumes it in its shard.
+            data_iter.set_state_from_any_process(restored.data_state)
         progress.write(
             f"vqvae {job.name}: {restored.how}; {mesh.size} devices, batch "
             f"{job.train.batch_size}, {train_split.num_examples} training examples; "
@@ -516,6 +524,6 @@ def load_vqvae(path: str) -> VQVAE:
     config = VQVAEConfig.from_dict(saved["model"])
     abstract = nnx.eval_shape(lambda: create_model(config))
     graphdef, abstract_state = nnx.split(abstract)
-    tree = ckpt.restore_weights(step_dir, abstract_state.to_pure_dict(), flag="--vqvae")
+    tree = ckpt.restore_weights(step_dir, nnx.to_pure_dict(abstract_state), flag="--vqvae")
     nnx.replace_by_pure_dict(abstract_state, tree)
     return nnx.merge(graphdef, abstract_state)

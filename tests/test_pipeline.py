@@ -15,6 +15,7 @@ from dalle_jax.data.pipeline import (
     prepare_image,
     read_encoded_metadata,
     scale_images,
+    state_for_process,
     write_encoded_shards,
 )
 from dalle_jax.errors import UserError
@@ -212,6 +213,51 @@ def test_a_state_from_another_pipeline_is_refused():
     other = iter(_dataset(LoaderConfig.train(batch_size=2, seed=1)))
     with pytest.raises(UserError, match="batch_size: saved 4, now 2"):
         other.set_state(state)
+
+
+@pytest.mark.parametrize("read_threads", [0, 2])
+def test_every_process_resumes_from_process_0s_state_in_its_own_shard(read_threads):
+    # A training checkpoint holds process 0's state only; each process must go on with the
+    # next batch of its own shard (epoch boundary crossed: 5 batches of 2 per host and epoch).
+    loader = LoaderConfig.train(batch_size=2, seed=7, read_threads=read_threads)
+    hosts = [iter(_dataset(loader, process_index=p, process_count=2)) for p in range(2)]
+    for _ in range(6):
+        [next(it) for it in hosts]
+    saved = json.loads(json.dumps(hosts[0].get_state()))
+    expected = [_indices(_take(it, 2)) for it in hosts]
+    assert not set(sum(expected[0], [])) & set(sum(expected[1], []))  # really other examples
+
+    for process, want in enumerate(expected):
+        resumed = iter(_dataset(loader, process_index=process, process_count=2))
+        resumed.set_state_from_any_process(saved)
+        assert _indices(_take(resumed, 2)) == want, process
+    # Plain `set_state` stays strict: process 1 refuses process 0's state as it is.
+    strict = iter(_dataset(loader, process_index=1, process_count=2))
+    with pytest.raises(UserError, match="process_index: saved 0, now 1"):
+        strict.set_state(saved)
+
+
+def test_a_state_of_another_process_count_or_pipeline_is_still_refused():
+    loader = LoaderConfig.train(batch_size=2, seed=7)
+    saved = iter(_dataset(loader, process_index=0, process_count=2)).get_state()
+    assert state_for_process(saved, 0, 1) is saved  # left alone, refused below
+    with pytest.raises(UserError, match="process_count: saved 2, now 1"):
+        iter(_dataset(loader)).set_state_from_any_process(saved)
+    other_loader = LoaderConfig.train(batch_size=2, seed=8)
+    other_seed = iter(_dataset(other_loader, process_index=1, process_count=2))
+    with pytest.raises(UserError, match="seed: saved 7, now 8"):
+        other_seed.set_state_from_any_process(saved)
+    assert state_for_process(None, 1, 2) is None
+
+
+def test_one_process_state_is_unchanged_by_the_any_process_restore():
+    # A one-process run saves and restores exactly as before: the state is the same dict.
+    loader = LoaderConfig.train(batch_size=4, seed=3)
+    iterator = iter(_dataset(loader))
+    _take(iterator, 2)
+    saved = iterator.get_state()
+    assert state_for_process(saved, 0, 1) == saved
+    assert saved["pipeline"]["process_index"] == 0 and saved["pipeline"]["process_count"] == 1
 
 
 def test_state_saves_and_restores_through_orbax_with_grains_handler(tmp_path):
@@ -459,3 +505,59 @@ def test_shapes_world_hosts_cover_the_split_and_resume(shapes_world_tiny):
     resumed = iter(dataset(loader))
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["images"], expected["images"])
+
+
+# --------------------------------------------------------------------------- split names
+
+
+class _PreparedBuilder:
+    """Stands in for a prepared tfds builder with the given splits (sources: lists)."""
+
+    def __init__(self, splits: dict[str, int]):
+        self.info = type("Info", (), {"splits": splits})()
+
+    def is_prepared(self) -> bool:
+        return True
+
+    def as_data_source(self, split):
+        return list(range(self.info.splits[split]))
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    """Every dataset opens as a builder with COCO's four splits (no TensorFlow needed)."""
+    from dalle_jax.data import registry
+
+    coco_splits = {"train": 6, "val": 3, "test": 2, "restval": 4}
+    monkeypatch.setattr(registry, "builder", lambda name, **kw: _PreparedBuilder(coco_splits))
+    monkeypatch.setattr(registry, "normalizer", lambda name: normalize)
+
+
+def test_validation_opens_cocos_val_split(fake_datasets):
+    from dalle_jax.data.pipeline import open_split
+
+    split = open_split("coco_captions", "validation", data_dir="unused")
+    assert split.name == "coco_captions:val" and split.num_examples == 3
+    assert open_split("coco_captions", "train", data_dir="unused").num_examples == 6
+
+
+def test_a_dataset_without_the_alias_still_names_its_splits(fake_datasets):
+    from dalle_jax.data.pipeline import open_split
+
+    # Only COCO declares the alias; another dataset missing "validation" is a user error.
+    with pytest.raises(UserError, match="has no split 'validation'; its splits: restval, test"):
+        open_split("image_folder", "validation", data_dir="unused")
+    with pytest.raises(UserError, match="has no split 'dev'"):
+        open_split("coco_captions", "dev", data_dir="unused")
+
+
+def test_resolve_split_prefers_a_split_the_dataset_has():
+    from dalle_jax.data import registry
+
+    assert registry.resolve_split("coco_captions", "validation", {"train", "val"}) == "val"
+    assert registry.resolve_split("coco_captions", "val", {"train", "val"}) == "val"
+    # A dataset with a real "validation" split reads that one, alias or not.
+    assert (
+        registry.resolve_split("coco_captions", "validation", {"validation", "val"}) == "validation"
+    )
+    assert registry.resolve_split("shapes_world/64", "validation", {"train"}) == "validation"

@@ -268,7 +268,7 @@ def test_help_documents_every_flag(capsys):
     parser = argparse.ArgumentParser()
     vqvae_cmd.add_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 15
+    assert len(flags) == 20  # 15 of its own, --folder/--image-size, 3 multi-process
     for action in flags:
         assert action.option_strings[0] in out
         assert action.help and len(action.help) > 10, action.option_strings
@@ -282,6 +282,14 @@ def test_help_documents_every_flag(capsys):
         (["--log-every", "0"], "log_every must be at least 1"),
         (["--data-dir", "{empty}"], "is not prepared in"),
         (["--steps", "3"], "warmup_steps (5) must be below total_steps (3)"),
+        (["--config", "base"], "dataset 'image_folder' needs --folder DIR"),
+        (["--folder", "{empty}"], "--folder: image_folder only, but the dataset is 'shapes_world"),
+        (["--image-size", "32"], "--image-size: image_folder only"),
+        # The base job reads your folder at 256 px: it says how to prepare it.
+        (
+            ["--config", "base", "--folder", "{empty}"],
+            "run `train data --dataset image_folder/256 --folder ",
+        ),
     ],
 )
 def test_a_user_error_exits_2_with_one_line(flags, expected, tmp_path, capsys, data_dir):
@@ -293,3 +301,58 @@ def test_a_user_error_exits_2_with_one_line(flags, expected, tmp_path, capsys, d
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert expected in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- your own images
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> tuple[str, str]:
+    """(folder of 20 captioned 40x48 images, data dir where `train data` prepared it at 32)."""
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(20):
+        blocks = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+        image = np.kron(blocks, np.ones((8, 8, 1), np.uint8))  # 40x48, coarse blocks
+        Image.fromarray(image).save(folder / f"picture_{i:02d}.png")
+        (folder / f"picture_{i:02d}.txt").write_text(f"picture number {i}")
+    data_dir = tmp_path_factory.mktemp("folder_data")
+    flags = ["--folder", str(folder), "--image-size", "32", "--data-dir", str(data_dir)]
+    assert main(["data", "--dataset", "image_folder", *flags]) == 0
+    return str(folder), str(data_dir)
+
+
+def test_trains_and_resumes_on_an_image_folder(image_folder, job, straight_run, tmp_path):
+    folder, data_dir = image_folder
+    workdir = tmp_path / "run"
+    argv = [
+        "vqvae", "--config", "tiny", "--workdir", str(workdir), "--data-dir", data_dir,
+        "--dataset", "image_folder", "--folder", folder, "--image-size", "32",
+        "--steps", str(STEPS), "--log-every", "1", "--eval-every", "2",
+    ]  # fmt: skip
+    assert main([*argv, "--stop-after", "2"]) == 0
+    assert main([*argv, "--stop-after", "1"]) == 0  # resumes: the folder is part of the job
+    assert sorted(read_metrics(workdir)) == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(workdir).values())
+    evals = read_metrics(workdir, "validation")  # the folder's own held-out images
+    assert list(evals) == [2] and np.isfinite(evals[2]["psnr"])
+
+    step_dir = ckpt.checkpoints_dir(workdir) / "3"
+    saved_job = ckpt.read_json_item(step_dir)["job"]
+    assert saved_job["dataset"] == "image_folder"
+    assert saved_job["builder_kwargs"] == {"folder": folder, "image_size": 32}
+    data_state = ckpt.read_json_item(step_dir, ckpt.DATA_ITEM)
+    assert data_state["pipeline"]["source"] == "image_folder:train"
+    assert data_state["pipeline"]["num_examples"] == 19  # 20 images, 1 held out
+
+
+def test_loading_a_vqvae_uses_no_deprecated_state_api(straight_run):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vt.load_vqvae(str(straight_run[0]))
+    deprecated = [str(w.message) for w in caught if "to_pure_dict" in str(w.message)]
+    assert not deprecated, deprecated

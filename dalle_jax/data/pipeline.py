@@ -24,7 +24,9 @@ for a seed and nothing is decoded that is not used:
 Iterating gives a grain `DatasetIterator` whose `get_state() -> dict` (JSON-serialisable) and
 `set_state(dict)` resume at exactly the next batch. The state carries a fingerprint of the
 pipeline (source size, batch size, seed, shard...), and restoring it into a different pipeline is
-a `UserError` rather than a silent change of data order. Being a grain iterator, it also works
+a `UserError` rather than a silent change of data order. A training checkpoint holds only process
+0's state; `set_state_from_any_process(dict)` resumes every process of a run from it, each in its
+own shard (`state_for_process`). Being a grain iterator, it also works
 with grain's orbax handler (`grain.checkpoint.CheckpointSave(item=iterator)` /
 `CheckpointRestore(item=iterator)` in an orbax `Composite`), which writes one JSON file per host.
 
@@ -387,6 +389,36 @@ class _FingerprintedIterator(grain.DatasetIterator):
             )
         self._parent.set_state(state["grain"])
 
+    def set_state_from_any_process(self, state: dict) -> None:
+        """`set_state` with a state saved by any process of a run of this process count.
+
+        A training checkpoint holds one process's state (process 0's): this process resumes
+        at the same position in its own shard. See `state_for_process`.
+        """
+        self.set_state(
+            state_for_process(
+                state, self._fingerprint["process_index"], self._fingerprint["process_count"]
+            )
+        )
+
+
+def state_for_process(state: Any, process_index: int, process_count: int) -> Any:
+    """A saved iterator state (`get_state()`), as process `process_index` resumes from it.
+
+    Every process of a training run takes one batch per step from a shard of equal length
+    (`drop_remainder` cuts the split to a multiple of the process count), so the processes'
+    positions agree and only the shard number in the state's fingerprint differs: the state
+    comes back with `process_index` set to this process's. A state saved with another number
+    of processes (or not a pipeline state at all) comes back unchanged, and `set_state`
+    refuses it, naming what differs.
+    """
+    if not isinstance(state, Mapping) or not isinstance(state.get("pipeline"), Mapping):
+        return state
+    saved = state["pipeline"]
+    if saved.get("process_count") != process_count:
+        return state
+    return {**state, "pipeline": {**saved, "process_index": process_index}}
+
 
 # --------------------------------------------------------------------------- image + text
 
@@ -444,17 +476,25 @@ class Split:
 
 
 def open_split(dataset: str, split: str, *, data_dir: str | None = None, **builder_kwargs) -> Split:
-    """Opens `split` of a dataset prepared by `train data` (no TensorFlow, no download)."""
+    """Opens `split` of a dataset prepared by `train data` (no TensorFlow, no download).
+
+    `split` may be a name the dataset knows under another one (`validation` is COCO's `val`,
+    `registry.resolve_split`); `Split.name` carries the dataset's own name.
+    """
     from dalle_jax.data import registry
 
     data_dir = data_dir or default_data_dir()
     builder = registry.builder(dataset, data_dir=data_dir, **builder_kwargs)
     if not builder.is_prepared():
+        flags = "".join(
+            f" --{key.replace('_', '-')} {value}" for key, value in builder_kwargs.items()
+        )
         raise UserError(
             f"dataset {dataset!r} is not prepared in {data_dir!r}; run "
-            f"`train data --dataset {dataset} --data-dir {data_dir}` first"
+            f"`train data --dataset {dataset}{flags} --data-dir {data_dir}` first"
         )
     splits = builder.info.splits
+    split = registry.resolve_split(dataset, split, splits)
     if split not in splits:
         raise UserError(
             f"dataset {dataset!r} has no split {split!r}; its splits: {', '.join(sorted(splits))}"
@@ -711,5 +751,6 @@ __all__ = [
     "read_encoded_metadata",
     "read_examples",
     "scale_images",
+    "state_for_process",
     "write_encoded_shards",
 ]

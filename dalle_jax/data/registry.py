@@ -7,13 +7,17 @@ A name may carry a builder config after a slash: `shapes_world/64`, `emoji/32`.
 Each builder module exposes `normalize(example: dict, index: int) -> {"image": uint8 [H, W, 3],
 "caption": str}` so the input pipeline treats every dataset alike (COCO has five captions
 per image and variable-size images; synthetic sets have one caption and a fixed size).
+
+The commands ask for the splits `train` and `validation`; a dataset that names its held-out
+split otherwise declares an alias (COCO: `validation` reads Karpathy's `val`), see
+`resolve_split`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from dalle_jax.errors import UserError
@@ -28,6 +32,9 @@ class DatasetSpec:
     builder_class: str
     description: str
     extra: str | None = None  # the pip extra it needs, if any
+    # (name the commands ask for, the dataset's own name): the commands evaluate on
+    # "validation" and `train dalle` reads DATA/validation, whatever a dataset calls that split.
+    split_aliases: tuple[tuple[str, str], ...] = ()
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -57,6 +64,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "CocoCaptions",
             "MS-COCO 2014 captions, Karpathy splits (needs the [coco] extra: TensorFlow)",
             extra="coco",
+            split_aliases=(("validation", "val"),),
         ),
     ]
 }
@@ -75,6 +83,16 @@ def spec(name: str) -> DatasetSpec:
         known = ", ".join(sorted(DATASETS))
         raise UserError(f"unknown dataset {base!r}; known datasets: {known}")
     return DATASETS[base]
+
+
+def resolve_split(name: str, split: str, available: Collection[str]) -> str:
+    """The split of dataset `name` that a request for `split` reads: `split` itself when the
+    dataset has it, else the dataset's own name for it (COCO's "val" for "validation"), else
+    `split` unchanged (the caller reports it missing)."""
+    if split in available:
+        return split
+    own = dict(spec(name).split_aliases).get(split)
+    return own if own in available else split
 
 
 def module(name: str) -> Any:
