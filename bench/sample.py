@@ -18,8 +18,9 @@ first_call_s is the first call: compile plus one run.
 Step time is compared with the time its matmul FLOPs take at the float32 matmul peak measured
 in the same run (`bench.common.MatmulPeak`: the mean of readings just before and after each
 timing, as the shared machine's peak drifts). Matmul FLOPs, multiply-add = 2:
-    cached step, per row:  2 (L (4 d^2 + 2 d f) + d V_image) + 4 L d S   (attention over the
-                           whole S-slot cache, masked)
+    cached step, per row:  2 (L (4 d^2 + 2 d f) + d V_image) + 4 L d C   (attention over the
+                           C-slot cache, masked; C is S with one decoding segment, else the
+                           mean over the steps of their segment's cache length)
     naive step, per row:   2 (S L (4 d^2 + 2 d f) + T d V_text + N d V_image) + 4 L d S^2
 
 Prints one JSON line per measurement ({"bench": "sample", "config", "batch", "cache",
@@ -81,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="guidance scale; != 1 doubles the rows the model runs",
     )
+    p.add_argument(
+        "--segments",
+        type=int,
+        default=0,
+        help="scans the cached decoding runs as (0 = the sampler's default for the config)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -90,12 +97,24 @@ def layer_flops(c) -> int:
     return c.num_layers * (4 * c.d_model**2 + 2 * c.d_model * c.mlp_dim)
 
 
-def cached_step_flops(c) -> int:
-    """Matmul FLOPs of one cached decode step for one row."""
-    return (
-        2 * (layer_flops(c) + c.d_model * c.image_vocab_size)
-        + 4 * c.num_layers * c.d_model * c.seq_length
+def mean_cache_length(c, segments: int) -> float:
+    """The cache length attention reads, averaged over the N-1 decode steps."""
+    from dalle_jax.sampling import segment_bounds
+
+    steps = c.image_length - 1
+    # A segment ending at step index `last` runs on a cache of T + 2 + last positions.
+    total = sum(
+        (stop - begin) * (c.text_length + 1 + stop)
+        for begin, stop in segment_bounds(steps, segments)
     )
+    return total / steps
+
+
+def cached_step_flops(c, segments: int = 1) -> float:
+    """Matmul FLOPs of one cached decode step for one row (mean over the steps)."""
+    return 2 * (
+        layer_flops(c) + c.d_model * c.image_vocab_size
+    ) + 4 * c.num_layers * c.d_model * mean_cache_length(c, segments)
 
 
 def naive_step_flops(c) -> int:
@@ -119,9 +138,10 @@ def bench_config(name: str, batches, args, peak: MatmulPeak) -> list[dict]:
     from flax import nnx
 
     from dalle_jax.model import DalleTransformer, get_config
-    from dalle_jax.sampling import SamplingSettings, jit_sampler
+    from dalle_jax.sampling import SamplingSettings, decode_segments, jit_sampler
 
     config = get_config(name)
+    segments = args.segments or decode_segments(config)
     settings = SamplingSettings(args.temperature, args.top_k, args.top_p, args.cfg_scale)
     rows_per_sample = 2 if settings.cfg_scale != 1.0 else 1
     start = time.perf_counter()
@@ -138,8 +158,8 @@ def bench_config(name: str, batches, args, peak: MatmulPeak) -> list[dict]:
         keys = jax.random.split(jax.random.key(args.seed + 2), batch)
         common = {"bench": "sample", "config": name, "batch": batch, "init_s": init_s}
 
-        full = jit_sampler(model, settings)
-        first = jit_sampler(model, settings, num_tokens=1)
+        full = jit_sampler(model, settings, segments=segments)
+        first = jit_sampler(model, settings, num_tokens=1, segments=segments)
         first_call_s = timed(full, text_ids, keys)
         timed(first, text_ids, keys)
         peak_before = peak()
@@ -150,6 +170,7 @@ def bench_config(name: str, batches, args, peak: MatmulPeak) -> list[dict]:
         record = {
             **common,
             "cache": True,
+            "segments": segments,
             "image_tokens_per_s": batch * n / full_s,
             # The fastest of the repeats: what the machine does when the neighbours are quiet.
             "best_image_tokens_per_s": batch * n / min(full_times),
@@ -157,7 +178,7 @@ def bench_config(name: str, batches, args, peak: MatmulPeak) -> list[dict]:
             "seconds": full_s,
             "prefill_ms": 1e3 * prefill_s,
             "step_ms": 1e3 * max(full_s - prefill_s, 0.0) / (n - 1),
-            "step_gflop": cached_step_flops(config) * batch * rows_per_sample / 1e9,
+            "step_gflop": cached_step_flops(config, segments) * batch * rows_per_sample / 1e9,
             "first_call_s": first_call_s,
         }
         records.append(against_peak(record, peak_before, peak_after))

@@ -3,6 +3,8 @@ transformer's KV cache against its teacher-forced forward pass."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ from dalle_jax.sampling import (
     guide,
     jit_sampler,
     sample,
+    segment_bounds,
 )
 
 PAD = 0
@@ -310,6 +313,46 @@ def test_settings_validation():
     assert SamplingSettings(top_k=0, top_p=1.0) == SamplingSettings()  # "off" spelled once
 
 
+# ---- segments ------------------------------------------------------------------------------------
+def test_segment_bounds_cover_every_step_once_in_order():
+    for num_steps in (0, 1, 5, 63, 255):
+        for segments in (1, 2, 4, 7):
+            bounds = segment_bounds(num_steps, segments)
+            steps = [i for begin, stop in bounds for i in range(begin, stop)]
+            assert steps == list(range(num_steps))
+            assert len(bounds) == min(segments, num_steps)
+            sizes = [stop - begin for begin, stop in bounds]
+            assert (
+                all(size > 0 for size in sizes)
+                and max(sizes, default=0) - min(sizes, default=0) <= 1
+            )
+    assert segment_bounds(63, 4) == [(0, 16), (16, 32), (32, 48), (48, 63)]
+    with pytest.raises(ValueError, match="segments"):
+        segment_bounds(10, 0)
+
+
+def test_segments_draw_the_same_tokens_and_grow_before_each_stretch():
+    prefill, step, _ = counting_model()
+    grown = []
+
+    def grow(state, last_index):
+        grown.append(last_index)  # at trace time: one call per segment
+        return state
+
+    text = jnp.asarray([[1, 5], [2, 5], [7, 5]], jnp.int32)
+    key = jax.random.key(4)
+    whole = sample(prefill, step, text, key, num_tokens=9, pad_id=PAD, top_k=3)
+    split = sample(
+        prefill, step, text, key, num_tokens=9, pad_id=PAD, top_k=3, segments=3, grow=grow
+    )
+    np.testing.assert_array_equal(split, whole)
+    assert grown == [2, 5, 7]  # the last step index of each stretch of 8 steps
+    greedy = sample(
+        prefill, step, text, key, num_tokens=9, pad_id=PAD, temperature=0.0, segments=4, grow=grow
+    )
+    np.testing.assert_array_equal(greedy, expected_counting(text[:, 0], 9))
+
+
 # ---- the tiny transformer ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny():
@@ -342,22 +385,73 @@ def test_cached_decode_logits_equal_teacher_forced_logits(tiny):
 
 
 @pytest.mark.parametrize(
-    "settings",
+    ("settings", "segments"),
     [
-        SamplingSettings(temperature=0.0),
-        SamplingSettings(temperature=0.0, cfg_scale=3.0),
-        SamplingSettings(temperature=1.0, top_k=8, cfg_scale=2.0),
+        (SamplingSettings(temperature=0.0), None),
+        (SamplingSettings(temperature=0.0, cfg_scale=3.0), None),
+        (SamplingSettings(temperature=1.0, top_k=8, cfg_scale=2.0), None),
+        (SamplingSettings(temperature=1.0, top_k=8, cfg_scale=2.0), 3),
     ],
-    ids=["greedy", "greedy-guided", "topk-guided"],
+    ids=["greedy", "greedy-guided", "topk-guided", "topk-guided-3-segments"],
 )
-def test_cached_generation_equals_naive_generation(tiny, settings):
+def test_cached_generation_equals_naive_generation(tiny, settings, segments):
     config, model, text = tiny
     key = jax.random.key(7)
-    cached = jit_sampler(model, settings)(text, key)
+    cached = jit_sampler(model, settings, segments=segments)(text, key)
     naive = jit_sampler(model, settings, naive=True)(text, key)
     assert cached.shape == (3, config.image_length) and cached.dtype == jnp.int32
     assert int(cached.min()) >= 0 and int(cached.max()) < config.image_vocab_size
     np.testing.assert_array_equal(cached, naive)
+
+
+def loop_bodies(hlo: str) -> list[str]:
+    """The text of every while-loop body computation in compiled HLO text."""
+    names = set(re.findall(r"\bbody=(%[\w.-]+)", hlo))
+    blocks = [m.group(0) for m in re.finditer(r"^%[\w.-]+ \(.*?^\}", hlo, re.M | re.S)]
+    return [block for block in blocks if block.split(" ", 1)[0] in names]
+
+
+def cache_writers(body: str, hlo: str, batch: int, config) -> list[str]:
+    """The opcode of each instruction in `body` that makes a new array shaped like a layer's
+    cache (f32 [B*H, C, Dh], C > T), or like one laid out [B, H, C, Dh] (any B); reading a
+    tuple element or a bitcast is no new array. A fusion counts as the opcode of its fused
+    computation's root."""
+    found = []
+    h, dh = config.num_heads, config.head_dim
+    shape = rf"f32\[(?:{batch * h}|\d+,{h}),(\d+),{dh}\]"
+    pattern = rf"^\s*(?:ROOT )?%\S+ = {shape}\{{[^}}]*\}} ([\w-]+)\((.*)$"
+    for length, opcode, rest in re.findall(pattern, body, re.M):
+        if int(length) <= config.text_length:  # e.g. the new position's keys [B, H, 1, Dh]
+            continue
+        if opcode in ("parameter", "get-tuple-element", "bitcast", "tuple"):
+            continue
+        if opcode == "fusion":
+            called = re.search(r"calls=(%[\w.-]+)", rest).group(1)
+            fused = re.search(rf"^{re.escape(called)} .*?^\}}", hlo, re.M | re.S).group(0)
+            opcode = re.search(r"ROOT %\S+ = \S+ ([\w-]+)\(", fused).group(1)
+        found.append(opcode)
+    return found
+
+
+@pytest.mark.parametrize(("batch", "segments"), [(1, 1), (3, 2)])
+def test_sampling_loop_writes_the_cache_in_place(tiny, batch, segments):
+    """The compiled decoding loop never copies or transposes a layer's cache: each step only
+    writes its position (dynamic-update-slice, which XLA does in place, or it would have to
+    insert a copy here), and attention reads the buffer as it lies. Batch 1 is where a cache
+    laid out [B, H, C, Dh] was copied every step (see `KVCache`)."""
+    config, model, text = tiny
+    graphdef, state = nnx.split(model)
+
+    def run(state, text, key):
+        return generate_image_ids(nnx.merge(graphdef, state), text, key, segments=segments)
+
+    hlo = jax.jit(run).lower(state, text[:batch], jax.random.key(0)).compile().as_text()
+    writers = [cache_writers(body, hlo, batch, config) for body in loop_bodies(hlo)]
+    decoding = [ops for ops in writers if ops]
+    assert len(decoding) == segments  # one decoding loop per segment
+    for ops in decoding:
+        # Keys and values of every layer, each written once per step, and nothing else.
+        assert ops == ["dynamic-update-slice"] * (2 * config.num_layers), ops
 
 
 def test_generate_image_ids_under_nnx_jit(tiny):
@@ -381,6 +475,8 @@ def test_rows_depend_only_on_their_own_key_and_caption(tiny):
     # The same rows in another batch (another size, another order) come out the same.
     pair = np.asarray(sampler(text[jnp.asarray([2, 0])], keys[jnp.asarray([2, 0])]))
     np.testing.assert_array_equal(pair, full[[2, 0]])
+    single = jit_sampler(model, SamplingSettings(temperature=1.0))
+    np.testing.assert_array_equal(single(text[1:2], keys[1:2]), single(text, keys)[1:2])
     # And another key gives another image (so the check above can fail).
     other = np.asarray(sampler(text, jax.random.split(jax.random.key(12), 3)))
     assert (other != full).any()

@@ -178,13 +178,53 @@ def test_decode_step_matches_the_full_forward_pass(attention_types, norm, use_bi
     prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
     step = nnx.jit(lambda m, i, j, c: m.decode_step(i, j, c))
     cache = model.init_cache(2)
-    assert cache.keys.shape == (3, 2, config.seq_length, config.num_heads, config.head_dim)
+    assert len(cache.keys) == len(cache.values) == 3
+    assert cache.keys[0].shape == (2 * config.num_heads, config.seq_length, config.head_dim)
     logits, cache = prefill(model, batch["text_ids"], cache)
     decoded = [logits]
     for j in range(config.image_length - 1):
         logits, cache = step(model, batch["image_ids"][:, j], jnp.int32(j), cache)
         decoded.append(logits)
     np.testing.assert_allclose(jnp.stack(decoded, axis=1), image_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_on_a_cache_grown_in_stretches_matches_the_full_forward_pass(model):
+    """The sampler's schedule: prefill on a cache of T+1 positions, then grow it before each
+    stretch of steps to the positions that stretch writes; attention reads only those."""
+    config = TINY
+    batch = make_batch(config, 2, seed=5)
+    _, image_logits = forward(model, batch["text_ids"], batch["image_ids"])
+    prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
+    step = nnx.jit(lambda m, i, j, c: m.decode_step(i, j, c))
+    cache = model.init_cache(2, length=config.text_length + 1)
+    assert cache.length == config.text_length + 1
+    logits, cache = prefill(model, batch["text_ids"], cache)
+    decoded = [logits]
+    stretches = [(0, 5), (5, config.image_length - 1)]
+    for begin, stop in stretches:
+        cache = cache.grown_to(model.cache_length(stop - 1))
+        assert cache.keys[0].shape[1] == config.text_length + 1 + stop
+        for j in range(begin, stop):
+            logits, cache = step(model, batch["image_ids"][:, j], jnp.int32(j), cache)
+            decoded.append(logits)
+    assert cache.length == config.seq_length
+    np.testing.assert_allclose(jnp.stack(decoded, axis=1), image_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_lengths_are_checked_where_they_are_static(model):
+    t, s = TINY.text_length, TINY.seq_length
+    with pytest.raises(ValueError, match="outside"):
+        model.init_cache(1, length=t)  # no room for the caption
+    with pytest.raises(ValueError, match="outside"):
+        model.init_cache(1, length=s + 1)
+    cache = model.init_cache(1, length=t + 1)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        model.init_cache(1).grown_to(t + 1)
+    with pytest.raises(ValueError, match="needs a cache of"):
+        model.decode_step(jnp.zeros((1,), jnp.int32), 0, cache)  # position T+1 does not fit
+    grown = cache.grown_to(t + 2)
+    assert grown.length == t + 2
+    assert all(float(jnp.abs(k[:, t + 1]).max()) == 0.0 for k in grown.keys + grown.values)
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -257,7 +297,7 @@ def test_bfloat16_compute_runs_with_float32_params_and_logits():
     assert np.isfinite(loss_bf16)
     np.testing.assert_allclose(loss_bf16, loss_f32, rtol=2e-2)
     cache = model.init_cache(2)
-    assert cache.keys.dtype == jnp.bfloat16
+    assert {k.dtype for k in cache.keys + cache.values} == {jnp.dtype(jnp.bfloat16)}
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -44,6 +44,30 @@ def dot_product_attention(
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
+def cached_attention(
+    q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | np.ndarray
+) -> jax.Array:
+    """Softmax attention of new queries over a KV cache, one row per (example, head) pair.
+
+    q: [N, Lq, Dh] (compute dtype), keys and values: [N, C, Dh] (cache dtype), N = B * H rows in
+    the cache's order; mask: bool [Lq, C]. Scores and softmax statistics are float32, as in
+    `dot_product_attention`. Returns [N, Lq, Dh] in q's dtype.
+
+    The cache is read as it lies: one batch dimension that is never 1 in practice, so XLA
+    neither transposes nor reshapes it (a reshape between the in-place cache update and this
+    read makes XLA copy the cache every step).
+    """
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    scores = jnp.einsum("nqd,nkd->nqk", q * scale, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - row_max)
+    inv_sum = 1.0 / jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("nqk,nkd->nqd", weights.astype(values.dtype), values)
+    return out * inv_sum.astype(values.dtype)
+
+
 class SelfAttention(nnx.Module):
     """Fused QKV projection, softmax attention under a given mask, output projection.
 
@@ -88,26 +112,34 @@ class SelfAttention(nnx.Module):
         x: jax.Array,
         start: jax.Array | int,
         cache: tuple[jax.Array, jax.Array],
-        layer: int,
         mask: np.ndarray,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Attention for L new positions `start .. start+L-1`, reading and filling a KV cache.
 
-        x: [B, L, D]; cache: (keys, values), each [layers, B, S, H, Dh], of which this layer's
-        slice `layer` is used; mask: bool [S, S], the layer's full table (rows start..start+L-1
-        are used; they are causal, so unwritten cache slots are never attended to).
+        x: [B, L, D]; cache: this layer's (keys, values), each [B*H, C, Dh] (row b*H + h holds
+        example b, head h) with room for the new positions (start + L <= C <= S); mask: bool
+        [S, S], the layer's full table (rows start..start+L-1, columns 0..C-1 are used; they
+        are causal, so unwritten cache slots are never attended to).
         Returns (y [B, L, D], cache with the new positions written in place).
         """
-        qkv = self.qkv(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        batch, steps = x.shape[0], x.shape[1]
+        length = cache[0].shape[1]
+        if isinstance(start, int) and start + steps > length:
+            raise ValueError(
+                f"positions {start}..{start + steps - 1} do not fit a cache of {length}"
+            )
+        qkv = self.qkv(x)  # [B, L, 3, H, Dh]
+
+        def cache_rows(t: jax.Array) -> jax.Array:
+            # [B, L, H, Dh] -> [B*H, L, Dh]: only the L new positions move, never the cache.
+            return jnp.transpose(t, (0, 2, 1, 3)).reshape(-1, steps, t.shape[-1])
+
+        q, k, v = (cache_rows(qkv[:, :, i]) for i in range(3))
         zero = jnp.zeros((), jnp.int32)
-        start = jnp.asarray(start, jnp.int32)
-        index = (jnp.asarray(layer, jnp.int32), zero, start, zero, zero)
-        # Updating the stacked buffer directly (not a per-layer copy) lets XLA write in place.
-        keys = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), index)
-        values = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), index)
-        rows = jax.lax.dynamic_slice_in_dim(jnp.asarray(mask), start, x.shape[1], axis=0)
-        y = dot_product_attention(
-            q, keys[layer].astype(q.dtype), values[layer].astype(q.dtype), rows
-        )
+        index = (zero, jnp.asarray(start, jnp.int32), zero)
+        keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), index)
+        values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), index)
+        rows = jax.lax.dynamic_slice_in_dim(jnp.asarray(mask[:, :length]), start, steps, 0)
+        y = cached_attention(q, keys, values, rows)  # [B*H, L, Dh]
+        y = jnp.transpose(y.reshape(batch, -1, steps, y.shape[-1]), (0, 2, 1, 3))
         return self.out(y), (keys, values)

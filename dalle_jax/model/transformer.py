@@ -34,19 +34,46 @@ from dalle_jax.model.masks import layer_mask
 from dalle_jax.sharding import with_logical_constraint
 
 ACTIVATION_AXES = ("batch", "length", "embed")
-# Logical axes of `KVCache.keys` / `.values`: [layers, batch, length, heads, head_dim].
-KV_CACHE_AXES = (None, "batch", "length", "heads", "kv")
+# Logical axes of each layer's buffer in `KVCache.keys` / `.values`: [batch * heads, length, kv].
+# The rows are example-major, so sharding them like the batch gives each device whole examples
+# (all their heads); the heads are not sharded separately in the cache.
+KV_CACHE_AXES = ("batch", "length", "kv")
 
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer for all S positions: [L, B, S, H, Dh] in the compute dtype.
+    """Keys and values of positions 0..C-1, one buffer per layer: `keys[l]`, `values[l]` are
+    [B*H, C, Dh] in the compute dtype, row b*H + h for example b, head h. C (`length`, static)
+    is at most S.
 
+    The layout is what attention reads (`cached_attention`): (example, head) rows, then
+    positions, so no step transposes or reshapes the cache; one buffer per layer, so reading a
+    layer is no slice copy of a stacked array; and every step writes its new position into the
+    buffers in place (`dynamic_update_slice`). Merging batch and heads into one dimension keeps
+    a batch of one from becoming a size-1 dimension, which XLA squeezes out of the attention
+    matmuls with a reshape that made it copy the cache every step.
+    Attention reads all C positions, so a cache only as long as the positions decoded so far
+    (`grown_to` between stretches of steps) saves reading the part not written yet.
     Positions not written yet hold zeros; masks are causal, so they are never attended to.
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+
+    @property
+    def length(self) -> int:
+        """C: the positions the cache has room for."""
+        return self.keys[0].shape[1]
+
+    def grown_to(self, length: int) -> KVCache:
+        """The same cache with room for `length` >= C positions (zeros appended; a copy)."""
+        if length < self.length:
+            raise ValueError(f"cannot shrink a KV cache of {self.length} positions to {length}")
+        pad = ((0, 0), (0, length - self.length), (0, 0))
+        return KVCache(
+            tuple(jnp.pad(k, pad) for k in self.keys),
+            tuple(jnp.pad(v, pad) for v in self.values),
+        )
 
 
 class MLP(nnx.Module):
@@ -103,8 +130,9 @@ class Block(nnx.Module):
         return with_logical_constraint(x, ACTIVATION_AXES)
 
     def decode(self, x: jax.Array, start, cache: tuple[jax.Array, jax.Array]):
-        """x: [B, L, D] for positions start..start+L-1; cache: the stacked (keys, values)."""
-        y, cache = self.attn.attend_cached(self.attn_norm(x), start, cache, self.layer, self.mask())
+        """x: [B, L, D] for positions start..start+L-1; cache: this layer's (keys, values),
+        each [B*H, C, Dh]. Returns (x [B, L, D], the cache with the L positions written)."""
+        y, cache = self.attn.attend_cached(self.attn_norm(x), start, cache, self.mask())
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         return x, cache
@@ -197,20 +225,30 @@ class DalleTransformer(nnx.Module):
         return self.logits(x[:, :t], "text"), self.logits(x[:, t:], "image")
 
     # ---- cached decoding -----------------------------------------------------------------------
-    def init_cache(self, batch_size: int) -> KVCache:
-        """An empty cache for `batch_size` sequences: keys/values zeros [L, B, S, H, Dh]."""
+    def init_cache(self, batch_size: int, length: int | None = None) -> KVCache:
+        """An empty cache for `batch_size` sequences: per layer, keys/values zeros
+        [B*H, length, Dh]. length: positions it has room for, T+1 (the caption) to S (default).
+        """
         c = self.config
-        shape = (c.num_layers, batch_size, c.seq_length, c.num_heads, c.head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        length = c.seq_length if length is None else length
+        if not c.text_length + 1 <= length <= c.seq_length:
+            raise ValueError(
+                f"cache length {length} is outside [T+1, S] = [{c.text_length + 1}, {c.seq_length}]"
+            )
+        shape = (batch_size * c.num_heads, length, c.head_dim)
+        layers = range(c.num_layers)
+        return KVCache(
+            tuple(jnp.zeros(shape, self.dtype) for _ in layers),
+            tuple(jnp.zeros(shape, self.dtype) for _ in layers),
+        )
 
     def _run_cached(self, x: jax.Array, start, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        kv = (cache.keys, cache.values)
-        for block in self.blocks:
-            x, kv = block.decode(x, start, kv)
-        keys, values = kv
-        keys = with_logical_constraint(keys, KV_CACHE_AXES)
-        values = with_logical_constraint(values, KV_CACHE_AXES)
-        return x, KVCache(keys, values)
+        keys, values = [], []
+        for block, k, v in zip(self.blocks, cache.keys, cache.values, strict=True):
+            x, (k, v) = block.decode(x, start, (k, v))
+            keys.append(with_logical_constraint(k, KV_CACHE_AXES))
+            values.append(with_logical_constraint(v, KV_CACHE_AXES))
+        return x, KVCache(tuple(keys), tuple(values))
 
     def prefill(self, text_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Runs the caption through the model (positions 0..T), filling the cache.
@@ -221,14 +259,26 @@ class DalleTransformer(nnx.Module):
         x, cache = self._run_cached(x, 0, cache)
         return self.logits(x[:, -1:], "image")[:, 0], cache
 
+    def cache_length(self, last_index: int) -> int:
+        """The cache length decode steps up to image id number `last_index` need: T+2+last_index."""
+        return self.config.text_length + 2 + last_index
+
     def decode_step(
         self, image_id: jax.Array, index: jax.Array | int, cache: KVCache
     ) -> tuple[jax.Array, KVCache]:
         """Feeds image id number `index` (0 <= index < N-1) and returns the logits of id index+1.
 
         image_id: int32 [B]; index: int32 scalar (may be traced, e.g. a `fori_loop` counter).
+        The cache must have room for position T+1+index (`cache.length >=
+        cache_length(index)`): a traced index cannot be checked, and a write past the end would
+        land on the last slot (`dynamic_update_slice` clamps).
         Returns (float32 [B, image_vocab], cache with position T+1+index written).
         """
+        if isinstance(index, int) and cache.length < self.cache_length(index):
+            raise ValueError(
+                f"image id {index} needs a cache of {self.cache_length(index)} positions, "
+                f"this one has {cache.length}"
+            )
         x = self.embed_image(image_id[:, None], index).astype(self.dtype)
         start = self.config.text_length + 1 + jnp.asarray(index, jnp.int32)
         x, cache = self._run_cached(x, start, cache)
