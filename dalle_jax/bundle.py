@@ -167,7 +167,8 @@ def _checkpointer() -> ocp.StandardCheckpointer:
 
 def _save_weights(directory: Path, tree: Mapping[str, Any]) -> None:
     with _checkpointer() as checkpointer:
-        checkpointer.save(directory, dict(tree))
+        # orbax refuses relative paths; `--out bundles/mine` is a normal thing to type.
+        checkpointer.save(Path(directory).absolute(), dict(tree))
 
 
 def _restore_weights(directory: Path, abstract_state: nnx.State, *, what: str) -> dict:
@@ -175,6 +176,7 @@ def _restore_weights(directory: Path, abstract_state: nnx.State, *, what: str) -
     bfloat16 files come back as float32), after checking names and shapes. UserError otherwise.
     """
     redo = "the bundle is damaged or incomplete: export it again (`train export`)"
+    directory = Path(directory).absolute()  # orbax reads absolute paths only
     if not directory.is_dir():
         raise UserError(f"{directory}: missing {what} weights folder; {redo}")
     wanted = nnx.to_pure_dict(abstract_state)

@@ -291,3 +291,13 @@ def test_a_reranker_added_later_loads_and_scores(good_bundle, tokenizer, tmp_pat
     wrong = config.replace(text_vocab_size=tokenizer.vocab_size + 1)
     with pytest.raises(UserError, match="expects a tokenizer of"):
         bundle_lib.add_reranker(path, wrong, nnx.state(reranker))
+
+
+def test_a_relative_output_path_is_written_and_read(transformer, vqvae, tokenizer, tmp_path):
+    # orbax itself refuses relative paths; the CLI user types them (`--out bundles/mine`).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        export(Path("bundles") / "mine", transformer, vqvae, tokenizer)
+        loaded = bundle_lib.load_bundle(Path("bundles") / "mine")
+    assert (tmp_path / "bundles" / "mine" / bundle_lib.BUNDLE_JSON).is_file()
+    assert loaded.transformer_config == transformer.config
