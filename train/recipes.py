@@ -7,8 +7,9 @@ them by hand. Every step is itself resumable, so a recipe cut short (a session e
 job) is finished by running the same command again.
 
 The shipped `shapes` vqvae was trained in two phases (2,500 steps, then resumed to 4,500 with a
-new cosine schedule, because the first phase missed its PSNR target); the recipe keeps both
-phases so that it reproduces that model, not a similar one.
+new cosine schedule, because the first phase missed its PSNR target), and so was its transformer
+(4,000 steps, then resumed to 6,500); the recipe keeps both phases so that it reproduces those
+models, not similar ones.
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ def _bundle_steps(
     data_dir: str | None,
     extra: dict[str, list[str]] | None = None,
 ) -> list[Step]:
-    """encode -> dalle -> reranker -> export, shared by every recipe."""
+    """encode -> dalle (-> dalle-continued) -> reranker -> export, shared by every recipe.
+
+    `extra` adds flags to a step by name; flags under "dalle-continued" add a second stage-2
+    phase: the same `train dalle` command resumed with them (e.g. a larger `--steps`).
+    """
     extra = extra or {}
     tokenizer, vqvae = str(w / "tokenizer.model"), str(w / "vqvae")
-    return [
+    data = _data_flags(data_dir)
+    dalle = ("dalle", "--config", dalle_config, "--workdir", str(w / "dalle"),
+             "--data", str(w / "encoded"), "--vqvae", vqvae, "--tokenizer", tokenizer)  # fmt: skip
+    steps = [
         Step(
             "encode",
             (
@@ -56,27 +64,15 @@ def _bundle_steps(
                 "--out",
                 str(w / "encoded"),
                 "--overwrite",
-                *_data_flags(data_dir),
+                *data,
                 *extra.get("encode", []),
             ),
         ),  # fmt: skip
-        Step(
-            "dalle",
-            (
-                "dalle",
-                "--config",
-                dalle_config,
-                "--workdir",
-                str(w / "dalle"),
-                "--data",
-                str(w / "encoded"),
-                "--vqvae",
-                vqvae,
-                "--tokenizer",
-                tokenizer,
-                *extra.get("dalle", []),
-            ),
-        ),  # fmt: skip
+        Step("dalle", (*dalle, *extra.get("dalle", []))),
+    ]
+    if "dalle-continued" in extra:
+        steps.append(Step("dalle-continued", (*dalle, *extra["dalle-continued"])))
+    steps += [
         Step(
             "reranker",
             (
@@ -89,7 +85,7 @@ def _bundle_steps(
                 tokenizer,
                 "--dataset",
                 dataset,
-                *_data_flags(data_dir),
+                *data,
                 *extra.get("reranker", []),
             ),
         ),  # fmt: skip
@@ -114,6 +110,7 @@ def _bundle_steps(
             ),
         ),  # fmt: skip
     ]
+    return steps
 
 
 def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
@@ -140,7 +137,14 @@ def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
         Step("vqvae", (*vqvae, "--steps", "2500")),
         Step("vqvae-continued", (*vqvae, "--steps", "4500")),
         *_bundle_steps(
-            w, dalle_config="shapes", reranker_config="small", dataset=dataset, data_dir=data_dir
+            w,
+            dalle_config="shapes",
+            reranker_config="small",
+            dataset=dataset,
+            data_dir=data_dir,
+            # Like the vqvae, stage 2 ran in two phases: 4,000 steps, then resumed to 6,500
+            # with a new cosine schedule. Temperature 0.5 was chosen on the validation split.
+            extra={"dalle-continued": ["--steps", "6500"], "export": ["--temperature", "0.5"]},
         ),
     ]
 
