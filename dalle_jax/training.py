@@ -314,22 +314,6 @@ def host_shard(batch_size: int, mesh: Mesh, rules: LogicalRules) -> HostShard:
     return HostShard(rows=per_host, index=rows.start // per_host, count=batch_size // per_host)
 
 
-def data_state_for_host(data_state: dict[str, Any] | None, shard: HostShard):
-    """The saved input-pipeline state, as this process resumes from it.
-
-    A checkpoint holds process 0's iterator state. Every process takes one batch per step from
-    a shard of equal length, so their positions agree and only the shard number in the state's
-    fingerprint differs: each process takes the saved state with its own. A state saved with
-    another number of shards is left alone (the pipeline refuses it, naming the counts).
-    """
-    if not data_state or not isinstance(data_state.get("pipeline"), Mapping):
-        return data_state
-    saved = data_state["pipeline"]
-    if saved.get("process_count") != shard.count:
-        return data_state
-    return {**data_state, "pipeline": {**saved, "process_index": shard.index}}
-
-
 # ----------------------------------------------------------------------------- state
 
 

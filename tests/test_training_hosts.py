@@ -1,5 +1,5 @@
 """What each process of a multi-process `train dalle` run feeds and resumes from
-(`training.host_shard`, `training.data_state_for_host`), and the TPU pod job `pod-1b`.
+(`training.host_shard`, `pipeline.state_for_process`), and the TPU pod job `pod-1b`.
 
 Two processes are simulated here by two input pipelines with `process_index` 0 and 1 of 2;
 the real two-process runs are in `test_multihost_cli.py` and `test_multiprocess.py`.
@@ -76,7 +76,7 @@ def test_a_resumed_process_takes_process_0s_state_with_its_own_shard(encoded_dir
 
     for shard, expected in zip(shards, expected_next, strict=True):
         resumed = host_iterator(encoded_dir, shard)
-        resumed.set_state(training.data_state_for_host(saved, shard))
+        resumed.set_state(pipeline.state_for_process(saved, shard.index, shard.count))
         assert numbers(next(resumed)) == expected
 
     # Without the change of shard number, process 1 refuses process 0's state: the bug a
@@ -88,11 +88,11 @@ def test_a_resumed_process_takes_process_0s_state_with_its_own_shard(encoded_dir
 def test_a_state_of_another_process_count_is_refused_naming_the_counts(encoded_dir):
     saved = host_iterator(encoded_dir, training.HostShard(2, 0, 2)).get_state()
     one_process = training.HostShard(rows=4, index=0, count=1)
-    state = training.data_state_for_host(saved, one_process)
+    state = pipeline.state_for_process(saved, 0, 1)
     assert state == saved  # left alone: the pipeline says what differs
     with pytest.raises(UserError, match="process_count: saved 2, now 1"):
         host_iterator(encoded_dir, one_process).set_state(state)
-    assert training.data_state_for_host(None, one_process) is None
+    assert pipeline.state_for_process(None, 0, 1) is None
 
 
 # ----------------------------------------------------------------------------- the pod job
