@@ -71,6 +71,8 @@ def test_records_hold_the_tokenizer_and_vqvae_ids_of_every_example(
     split = pipeline.open_split(DATASET, "validation", data_dir=data_dir)
     mesh = vt.data_mesh()
     out = tmp_path / "validation"
+    # Other tests may have compiled this config on this mesh at other batch sizes.
+    enc.compiled_encode.cache_clear()
     # 64 examples in global batches of 24 over 8 devices: 24 + 24 + 16 (padded to 24).
     metadata = enc.encode_split(
         model, tokenizer, split, out, text_length=TEXT_LENGTH, batch_size=24, extra={"a": 1}
