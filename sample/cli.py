@@ -41,35 +41,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sample",
-        description=(
-            "Generate images for text prompts with a trained dalle-jax bundle. Writes one PNG "
-            "grid per prompt, each image on its own, and OUT/manifest.json."
-        ),
-        formatter_class=HelpFormatter,
-    )
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p, --cfg-scale: each None unless given (the bundle's)."""
     bundle_default = "the bundle's default"
-    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts", default=[])
-    parser.add_argument(
-        "--prompts-file",
-        metavar="FILE",
-        default=None,
-        help=(
-            "a text file with one prompt per line (blank lines are skipped), after any PROMPTs "
-            "(default: none)"
-        ),
-    )
-    parser.add_argument(
-        "--model",
-        metavar="BUNDLE",
-        default=None,
-        help=f"bundle directory, or the name of a shipped bundle (default: {DEFAULT_MODEL!r})",
-    )
-    parser.add_argument("--num-images", metavar="N", type=int, default=4, help="images per prompt")
-    parser.add_argument("--seed", metavar="S", type=int, default=0, help="random seed")
-    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory")
     parser.add_argument(
         "--temperature",
         metavar="T",
@@ -99,6 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"classifier-free guidance scale, 1 = none (default: {bundle_default})",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sample",
+        description=(
+            "Generate images for text prompts with a trained dalle-jax bundle. Writes one PNG "
+            "grid per prompt, each image on its own, and OUT/manifest.json."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompts", default=[])
+    parser.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        default=None,
+        help=(
+            "a text file with one prompt per line (blank lines are skipped), after any PROMPTs "
+            "(default: none)"
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        metavar="BUNDLE",
+        default=None,
+        help=f"bundle directory, or the name of a shipped bundle (default: {DEFAULT_MODEL!r})",
+    )
+    parser.add_argument("--num-images", metavar="N", type=int, default=4, help="images per prompt")
+    parser.add_argument("--seed", metavar="S", type=int, default=0, help="random seed")
+    parser.add_argument("--out", metavar="DIR", default=DEFAULT_OUT, help="output directory")
+    add_sampling_arguments(parser)
     parser.add_argument(
         "--rerank",
         metavar="M",

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from dalle_jax.errors import UserError, run_cli
-from sample.cli import HelpFormatter
+from sample.cli import HelpFormatter, add_sampling_arguments
 
 DEFAULT_OUT = "evaluation"
 # Mirrors dalle_jax.evaluation.evaluate (kept here so --help needs no jax import).
@@ -40,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=HelpFormatter,
     )
-    bundle_default = "the bundle's default"
     parser.add_argument(
         "--model",
         metavar="BUNDLE",
@@ -98,34 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate no images: skip judge, r_precision and fd (loss and vqvae only)",
     )
-    parser.add_argument(
-        "--temperature",
-        metavar="T",
-        type=float,
-        default=None,
-        help=f"softmax temperature, 0 = greedy (default: {bundle_default})",
-    )
-    parser.add_argument(
-        "--top-k",
-        metavar="K",
-        type=int,
-        default=None,
-        help=f"draw only among the K most likely image tokens, 0 = off (default: {bundle_default})",
-    )
-    parser.add_argument(
-        "--top-p",
-        metavar="P",
-        type=float,
-        default=None,
-        help=f"nucleus sampling mass, 1 = off (default: {bundle_default})",
-    )
-    parser.add_argument(
-        "--cfg-scale",
-        metavar="C",
-        type=float,
-        default=None,
-        help=f"classifier-free guidance scale, 1 = none (default: {bundle_default})",
-    )
+    add_sampling_arguments(parser)
     return parser
 
 
