@@ -161,13 +161,7 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for name, batch in zip(configs, batches, strict=True):
-        overrides = {"dtype": args.dtype} if args.dtype else {}
-        for item in args.set:
-            field, _, value = item.partition("=")
-            try:
-                overrides[field] = json.loads(value)
-            except json.JSONDecodeError:
-                overrides[field] = value  # a bare string: --set norm=rmsnorm
+        overrides = _overrides(args)
         config = get_config(name, **overrides)
         model = DalleTransformer(config, rngs=nnx.Rngs(0))
         optim = OptimConfig(warmup_steps=10, total_steps=1000)
