@@ -75,39 +75,49 @@ def print_table(
 
 
 class MatmulPeak:
-    """This machine's float32 matmul peak, measured now (other sessions share the cores, so a
+    """This machine's matmul peak, measured now (other sessions share the cores, so a
     benchmark measures it in the same run, ideally before and after what it times).
 
-    One reading times a jitted loop of `reps` [n, n] x [n, n] float32 matmuls (n = 2048 by
-    default: large enough to run at the kernel's best rate). The right factor is orthogonal, so
-    the product keeps the left factor's norm: a check that the matmuls really ran.
-    Call the instance for one reading in GFLOP/s.
+    One reading times a jitted loop of `reps` [n, n] x [n, n] matmuls in `dtype` (n = 2048
+    float32 by default: large enough to run at a CPU kernel's best rate; on a GPU use bfloat16 and
+    n = 8192, the rate bf16 training is held to). Inputs are random, never zeros (which can run
+    faster than real data). The right factor is orthogonal, so the product keeps the left
+    factor's norm: a check that the matmuls really ran (loosely in bfloat16, whose rounding
+    drifts the norm a little each product).
+    Call the instance for one reading in GFLOP/s; `cpu_readings` holds the same work per
+    CPU-second of this process.
     """
 
-    def __init__(self, n: int = 2048, reps: int = 4, seed: int = 0):
+    def __init__(self, n: int = 2048, reps: int = 4, seed: int = 0, dtype: str = "float32"):
         import jax
         import jax.numpy as jnp
         import numpy as np
 
         rng = np.random.default_rng(seed)
-        self.n, self.reps = n, reps
-        self._a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
-        self._b = jnp.asarray(np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32))
+        self.n, self.reps, self.dtype = n, reps, dtype
+        self._a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32), dtype=dtype)
+        b = np.linalg.qr(rng.standard_normal((n, n), dtype=np.float32))[0]
+        self._b = jnp.asarray(b, dtype=dtype)
         self._loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: c @ b, a))
-        self._norm = float(jnp.linalg.norm(self._a))
+        self._norm = float(jnp.linalg.norm(self._a.astype(jnp.float32)))
+        self._tolerance = 1e-3 if jnp.dtype(dtype).itemsize >= 4 else 0.1
         self._loop(self._a, self._b).block_until_ready()  # compile outside the readings
         self.readings: list[float] = []
+        self.cpu_readings: list[float] = []
 
     def __call__(self) -> float:
         import time
 
         import jax.numpy as jnp
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = self._loop(self._a, self._b).block_until_ready()
         seconds = time.perf_counter() - start
-        if abs(float(jnp.linalg.norm(out)) / self._norm - 1) > 1e-3:
+        cpu_seconds = max(time.process_time() - cpu_start, 1e-9)
+        norm = float(jnp.linalg.norm(out.astype(jnp.float32)))
+        if not abs(norm / self._norm - 1) <= self._tolerance:
             raise RuntimeError("the peak matmul loop computed a wrong result; check XLA_FLAGS")
-        gflops = 2 * self.n**3 * self.reps / seconds / 1e9
-        self.readings.append(gflops)
-        return gflops
+        flops = 2 * self.n**3 * self.reps
+        self.readings.append(flops / seconds / 1e9)
+        self.cpu_readings.append(flops / cpu_seconds / 1e9)
+        return self.readings[-1]

@@ -14,6 +14,12 @@ text head on the T text positions and the image head on the N image positions) p
 scores and values over the full S x S square (12 L d S). Embedding lookups, norms, softmax and
 the optimizer count nothing.
 
+On a GPU or TPU the peak is the accelerator's bfloat16 rate instead (a loop of 8192x8192
+bfloat16 matmuls; `--peak-dtype/--peak-size/--peak-reps` change it), the rate a bf16 training
+run is held to; run the configs there with `--dtype bfloat16`:
+
+    python -m bench.train_step --dtype bfloat16 --config ref-base --config 350m --batch 32
+
 Prints one JSON line per config and a table.
 
 Meshes (`--mesh D,F,T`, repeatable, or several after one flag): the same global batch, the same
@@ -58,7 +64,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="FIELD=VALUE",
         help="override a model config field (JSON or a bare string), e.g. --set norm=layernorm",
     )
-    p.add_argument("--peak-reps", type=int, default=4, help="2048^2 matmuls per peak reading")
+    p.add_argument(
+        "--peak-reps",
+        type=int,
+        default=None,
+        help="matmuls per peak reading (default 4 on CPU, 16 on a GPU/TPU)",
+    )
+    p.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="side n of the [n, n] peak matmuls (default 2048 on CPU, 8192 on a GPU/TPU)",
+    )
+    p.add_argument(
+        "--peak-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="dtype of the peak matmuls (default float32 on CPU; bfloat16 on a GPU/TPU, the "
+        "rate bf16 training is held to)",
+    )
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS (set before jax is imported)")
     p.add_argument(
         "--mesh",
@@ -123,34 +147,25 @@ def main(argv=None) -> int:
         return mesh_main(args)
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
+    if not __package__:  # run as `python bench/train_step.py`: make `bench` importable
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.common import MatmulPeak
     from dalle_jax.model import DalleTransformer, get_config
     from dalle_jax.train_step import OptimConfig, init_train_state, make_train_step
 
-    n = 2048
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.standard_normal((n, n), dtype=np.float32))
-    # An orthogonal matrix keeps the repeated product bounded.
-    b = jnp.asarray(np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32))
-    reps = args.peak_reps
-    matmul_loop = jax.jit(lambda a, b: jax.lax.fori_loop(0, reps, lambda i, c: c @ b, a))
-    matmul_loop(a, b).block_until_ready()
-
-    expected_norm = float(jnp.linalg.norm(a))
+    on_cpu = jax.devices()[0].platform == "cpu"
+    matmul_peak = MatmulPeak(
+        n=args.peak_size or (2048 if on_cpu else 8192),
+        reps=args.peak_reps or (4 if on_cpu else 16),
+        dtype=args.peak_dtype or ("float32" if on_cpu else "bfloat16"),
+    )
 
     def peak_gflops() -> tuple[float, float]:
         """(GFLOP per wall second, GFLOP per CPU second of this process) of the matmul loop."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = matmul_loop(a, b).block_until_ready()
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        # b is orthogonal, so the product keeps a's norm: proof that the matmuls really ran.
-        if abs(float(jnp.linalg.norm(out)) / expected_norm - 1) > 1e-3:
-            raise RuntimeError("the peak matmul loop computed a wrong result; check XLA_FLAGS")
-        flops = 2 * n**3 * reps
-        return flops / seconds / 1e9, flops / cpu_seconds / 1e9
+        matmul_peak()
+        return matmul_peak.readings[-1], matmul_peak.cpu_readings[-1]
 
     configs = args.config or ["ref-small"]
     batches = args.batch or [16]
@@ -211,6 +226,9 @@ def main(argv=None) -> int:
             # other sessions left us, blind to idle time within a step.
             "mfu_cpu_time": round(statistics.median(cpu_ratios), 4),
             "peak_gflops": round(statistics.median(peaks), 1),
+            "peak_dtype": matmul_peak.dtype,
+            "platform": jax.devices()[0].platform,
+            "device_kind": jax.devices()[0].device_kind,
             "model_gflops": round(statistics.median(ratios) * statistics.median(peaks), 1),
             "gflop_per_step": round(flops_step / 1e9, 2),
             "compile_s": round(compile_s, 1),

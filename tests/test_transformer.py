@@ -356,3 +356,25 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only():
     assert "blocks.0.mlp_norm.bias" not in decayed
     assert "text_head.bias" not in decayed
     assert "text_pos" not in decayed and "image_row" not in decayed
+
+
+@pytest.mark.parametrize("kind", ["full", "row", "conv"])
+def test_fused_attention_computes_the_einsum_attention(kind):
+    # The cuDNN path's call (causal flag for plain causal masks, the table otherwise), run through
+    # jax.nn.dot_product_attention's XLA implementation, which any device has.
+    from dalle_jax.model.attention import dot_product_attention, fused_attention
+    from dalle_jax.model.masks import attention_mask
+
+    mask = attention_mask(kind, 4, 3, 3, conv_kernel=3)
+    q, k, v = jax.random.normal(jax.random.key(7), (3, 2, mask.shape[0], 4, 8))
+    expected = dot_product_attention(q, k, v, mask)
+    got = fused_attention(q, k, v, mask, implementation="xla")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_needs_a_half_precision_compute_dtype():
+    with pytest.raises(UserError, match="attention_impl 'cudnn' needs dtype bfloat16"):
+        get_config("tiny", attention_impl="cudnn")
+    with pytest.raises(UserError, match="attention_impl 'flash' must be one of"):
+        get_config("tiny", attention_impl="flash")
+    assert get_config("tiny", attention_impl="cudnn", dtype="bfloat16").attention_impl == "cudnn"

@@ -44,6 +44,27 @@ def dot_product_attention(
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: np.ndarray, implementation: str = "cudnn"
+) -> jax.Array:
+    """`dot_product_attention` through `jax.nn.dot_product_attention`'s fused kernel.
+
+    Same shapes and result. A plain causal `mask` (every "full" layer) is passed as
+    `is_causal`, which the kernel applies without reading a mask; any other mask goes in as a
+    [1, 1, S, S] table. `implementation="xla"` runs the same call on any device (tests).
+    """
+    mask = np.asarray(mask)
+    causal = mask.shape[0] == mask.shape[1] and np.array_equal(mask, np.tril(np.ones_like(mask)))
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=None if causal else jnp.asarray(mask)[None, None],
+        is_causal=causal,
+        implementation=implementation,
+    )
+
+
 def cached_attention(
     q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | np.ndarray
 ) -> jax.Array:
@@ -78,6 +99,7 @@ class SelfAttention(nnx.Module):
     def __init__(self, config: DalleConfig, *, rngs: nnx.Rngs):
         d, h, dh = config.d_model, config.num_heads, config.head_dim
         dtype = jnp.dtype(config.dtype)
+        self.implementation = config.attention_impl
         self.qkv = Dense(
             (d,),
             (3, h, dh),
@@ -105,6 +127,8 @@ class SelfAttention(nnx.Module):
         """x: [B, S, D] (compute dtype); mask: bool [S, S]. Returns [B, S, D]."""
         qkv = self.qkv(x)  # [B, S, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.implementation == "cudnn":
+            return self.out(fused_attention(q, k, v, mask))
         return self.out(dot_product_attention(q, k, v, mask))
 
     def attend_cached(

@@ -15,6 +15,7 @@ from dalle_jax.errors import UserError
 ATTENTION_TYPES = ("full", "row", "column", "conv")
 NORM_TYPES = ("layernorm", "rmsnorm")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 # Rows of the text embedding table are rounded up to a multiple of this, so the table shards
 # evenly over any mesh axis of size up to 64 (the extra rows are never looked up).
@@ -56,6 +57,11 @@ class DalleConfig:
     text_loss_weight: float = 1.0 / 8.0
     image_loss_weight: float = 7.0 / 8.0
     dtype: str = "float32"  # compute dtype; parameters, logits and losses stay float32
+    # The training forward pass's attention kernel: "xla" is the einsum attention written in
+    # `attention.py` (any device; tuned on CPU); "cudnn" is jax.nn.dot_product_attention's fused
+    # cuDNN kernel (NVIDIA GPUs, bfloat16 compute): the [S, S] scores never reach GPU memory.
+    # Decoding with a KV cache always uses the einsum path.
+    attention_impl: str = "xla"
     remat: bool = False  # rematerialise each block in the backward pass (saves memory on pods)
     init_std: float = 0.02
 
@@ -134,6 +140,16 @@ class DalleConfig:
             raise UserError(f"model config: norm {self.norm!r} must be one of {NORM_TYPES}")
         if self.dtype not in COMPUTE_DTYPES:
             raise UserError(f"model config: dtype {self.dtype!r} must be one of {COMPUTE_DTYPES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise UserError(
+                f"model config: attention_impl {self.attention_impl!r} must be one of "
+                f"{ATTENTION_IMPLS}"
+            )
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise UserError(
+                "model config: attention_impl 'cudnn' needs dtype bfloat16 (cuDNN's fused "
+                "attention has no float32 kernel); set dtype=bfloat16 or attention_impl=xla"
+            )
         for name in ("dropout_rate", "caption_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(
