@@ -14,7 +14,11 @@ its own key only, so the same seed, settings and bundle give the same images wha
 size.
 
 Reranking: with `rerank=M` the sampler draws M candidates per prompt, the bundle's reranker
-scores each against its prompt, and the N best (highest score first) are kept.
+scores each against its prompt, and the N best (highest score first) are kept. A bundle can make
+reranking its default: `"rerank_per_image": K` in its sampling dict (bundle.json) means
+`rerank=None` draws K * N candidates per prompt (`default_rerank`), when the bundle has a
+reranker; `rerank=0` turns reranking off. The key is not a `SamplingSettings` field (those say
+how tokens are drawn and key the compiled sampler): `resolve_settings` leaves it out.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -32,11 +37,17 @@ import numpy as np
 from flax import nnx
 
 from dalle_jax.errors import UserError
-from dalle_jax.sampling import SamplingSettings, jit_sampler
+from dalle_jax.sampling import (
+    RERANK_PER_IMAGE,
+    SamplingSettings,
+    check_rerank_per_image,
+    jit_sampler,
+)
 
 _log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
+# The bundle's sampling-dict key for default reranking: K candidates drawn per image kept.
 
 
 @runtime_checkable
@@ -75,8 +86,38 @@ def resolve_settings(
         "top_p": top_p,
         "cfg_scale": cfg_scale,
     }
-    base = SamplingSettings.from_dict(bundle_sampling)
+    # Reranking is about which drawn images are kept, not how tokens are drawn.
+    token_settings = {k: v for k, v in (bundle_sampling or {}).items() if k != RERANK_PER_IMAGE}
+    base = SamplingSettings.from_dict(token_settings)
     return base.replace(**{k: v for k, v in given.items() if v is not None})
+
+
+def default_rerank(bundle: Any, num_images: int) -> int | None:
+    """The bundle's default candidates per prompt: K * num_images when its sampling dict sets
+    `rerank_per_image` K > 1 and it has a reranker, else None (no reranking)."""
+    path = getattr(bundle, "path", None)
+    where = str(Path(path) / "bundle.json") if path is not None else "bundle"
+    per_image = check_rerank_per_image((bundle.sampling or {}).get(RERANK_PER_IMAGE), where)
+    if per_image <= 1 or bundle.reranker is None:
+        return None
+    return per_image * num_images
+
+
+def resolve_rerank(bundle: Any, num_images: int, rerank: int | None) -> int | None:
+    """What `generate_images(rerank=...)` does: the candidates drawn per prompt, or None when
+    nothing is reranked. rerank None: the bundle's default (`default_rerank`); 0: off; M: M
+    (UserError when the bundle has no reranker, or for M < num_images)."""
+    if rerank is None:
+        return default_rerank(bundle, num_images)
+    _check_rerank(num_images, rerank)
+    if rerank == 0:
+        return None
+    if bundle.reranker is None:
+        raise UserError(
+            "this bundle has no reranker; sample without rerank (0), or add one to the bundle "
+            "(dalle_jax.bundle.add_reranker)"
+        )
+    return rerank
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -131,17 +172,28 @@ def encode_prompts(
 
 
 def check_counts(num_images: int, rerank: int | None, batch_size: int, seed: int) -> None:
+    """UserError for numbers out of range. rerank: None (the bundle's default), 0 (off) or the
+    candidates per prompt (at least num_images)."""
     if num_images < 1:
         raise UserError(f"number of images must be at least 1, got {num_images}")
-    if rerank is not None and rerank < num_images:
-        raise UserError(
-            f"rerank {rerank} is fewer candidates than the {num_images} images to keep; "
-            f"pass a rerank of at least {num_images}"
-        )
+    _check_rerank(num_images, rerank)
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+
+
+def _check_rerank(num_images: int, rerank: int | None) -> None:
+    if rerank is not None and rerank < 0:
+        raise UserError(
+            f"rerank {rerank} is negative; pass 0 for no reranking or at least {num_images} "
+            "candidates per prompt"
+        )
+    if rerank and rerank < num_images:
+        raise UserError(
+            f"rerank {rerank} is fewer candidates than the {num_images} images to keep; "
+            f"pass a rerank of at least {num_images} (or 0 for no reranking)"
+        )
 
 
 def _check_bundle(bundle: Any) -> None:
@@ -191,20 +243,18 @@ def generate_images(
 
     prompts: P non-empty strings (UserError otherwise; too long ones are cut, with one warning
     through `warn`). Sampling settings: None takes the bundle's default (`resolve_settings`).
-    batch_size: images sampled per compiled call. rerank: draw this many candidates per prompt
-    and keep the `num_images` the bundle's reranker scores best (UserError without a reranker).
-    progress: a bar over batches (on a terminal only).
+    batch_size: images sampled per compiled call. rerank: M draws M candidates per prompt and
+    keeps the `num_images` the bundle's reranker scores best (UserError without a reranker);
+    0 turns reranking off; None (default) is the bundle's default (`default_rerank`: K *
+    num_images candidates when its sampling dict sets `rerank_per_image` K and it has a
+    reranker, else none). progress: a bar over batches (on a terminal only).
     Returns P lists of `num_images` uint8 [H, W, 3] images (reranked: best first).
     """
     check_counts(num_images, rerank, batch_size, seed)
     settings = resolve_settings(
         bundle.sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale
     )
-    if rerank is not None and bundle.reranker is None:
-        raise UserError(
-            "this bundle has no reranker; sample without rerank, or add one to the bundle "
-            "(dalle_jax.bundle.add_reranker)"
-        )
+    rerank = resolve_rerank(bundle, num_images, rerank)
     _check_bundle(bundle)
     config = bundle.transformer.config
     text_ids = encode_prompts(bundle.tokenizer, prompts, config.text_length, warn=warn)
@@ -257,11 +307,15 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Any]:
 
 
 __all__ = [
+    "RERANK_PER_IMAGE",
     "Reranker",
     "check_counts",
     "check_prompts",
+    "check_rerank_per_image",
+    "default_rerank",
     "encode_prompts",
     "generate_images",
+    "resolve_rerank",
     "resolve_settings",
     "score",
 ]

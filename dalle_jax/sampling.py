@@ -43,6 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dalle_jax.errors import UserError
@@ -53,6 +54,26 @@ GrowFn = Callable[[Any, int], Any]
 
 
 # ---- settings -------------------------------------------------------------------------------
+# A bundle's sampling dict may also make reranking the default: K candidates drawn per image
+# kept. It is not a SamplingSettings field: it decides how many images are drawn, not how each
+# token is, and so must not key the compiled sampler.
+RERANK_PER_IMAGE = "rerank_per_image"
+
+
+def check_rerank_per_image(value: Any, where: str = "bundle") -> int:
+    """A bundle's `rerank_per_image` (None = absent) -> K, an int >= 1 (1 = no reranking).
+    Anything else (0, "x", 2.5, true) is a one-line UserError naming `where` and the key."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise UserError(
+            f"{where}: sampling {RERANK_PER_IMAGE!r} must be a whole number >= 1 (candidates "
+            f"drawn per image kept; 1 = no reranking), got {value!r}; fix it in bundle.json or "
+            "export again with `train export --rerank-per-image K`"
+        )
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """How tokens are drawn. `top_k` None/0 and `top_p` None/1.0 mean "no filtering";

@@ -149,7 +149,7 @@ def make_grid_files(
 ) -> dict[str, Any]:
     """Draws the grid of one bundle; writes OUT/NAME_grid.png and .json; returns the json."""
     from dalle_jax.bundle import load_bundle, resolve_bundle_path
-    from dalle_jax.generate import generate_images, resolve_settings
+    from dalle_jax.generate import generate_images, resolve_rerank, resolve_settings
     from dalle_jax.images import save_png
 
     path = resolve_bundle_path(model)
@@ -181,14 +181,23 @@ def make_grid_files(
         "seed": seed,
         "num_images": num_images,
         "settings": resolve_settings(bundle.sampling).to_dict(),
+        # Candidates drawn per prompt when the bundle reranks by default (None: no reranking).
+        "rerank": resolve_rerank(bundle, num_images, None),
         "image_size": image_size,
         "tile_size": image_size * scale,
         "padding": PADDING,
-        "layout": "one row per prompt, num_images columns, images in the order drawn",
+        "layout": "one row per prompt, num_images columns, "
+        + ("the reranker's best first" if rerank_on(bundle, num_images) else "in the order drawn"),
         "grid": png_name,
     }
     (out / json_name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def rerank_on(bundle: Any, num_images: int) -> bool:
+    from dalle_jax.generate import resolve_rerank
+
+    return resolve_rerank(bundle, num_images, None) is not None
 
 
 def markdown(record: dict[str, Any], png_path: str) -> str:
@@ -198,7 +207,13 @@ def markdown(record: dict[str, Any], png_path: str) -> str:
         f"![{record['bundle']} samples]({png_path})",
         "",
         f"Rows, top to bottom ({record['num_images']} images each, seed {record['seed']}, "
-        "the bundle's default sampling settings, not hand-picked; "
+        "the bundle's default sampling settings"
+        + (
+            f" (the reranker's best {record['num_images']} of {record['rerank']})"
+            if record.get("rerank")
+            else ""
+        )
+        + ", not hand-picked; "
         "regenerate with `python docs/make_readme_grids.py`):",
         "",
     ]

@@ -4,6 +4,8 @@ Thin: parse flags, check them, load the bundle, call `dalle_jax.generate.generat
 PNGs and a manifest. Output layout, for prompt number i (from 0):
 
     OUT/manifest.json                 [{"prompt", "grid", "images", "seed", "settings"}, ...]
+                                      (settings["rerank"]: the candidates drawn per prompt,
+                                      None when not reranked)
     OUT/<iii>-<slug>/grid.png         the prompt's images in one grid
     OUT/<iii>-<slug>/image-<kk>.png   each image on its own
 
@@ -109,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         type=int,
         default=None,
-        help="draw M >= N candidates per prompt and keep the N the bundle's reranker scores best "
-        "(default: no reranking)",
+        help="draw M >= N candidates per prompt and keep the N the bundle's reranker scores "
+        "best; 0 = no reranking (default: the bundle's: K*N candidates when its bundle.json "
+        "sets sampling rerank_per_image K and it has a reranker, else no reranking)",
     )
     parser.add_argument(
         "--batch-size", metavar="B", type=int, default=8, help="images sampled per batch"
@@ -255,8 +258,14 @@ def _main(argv: Sequence[str] | None) -> int:
     out = prepare_out_dir(args.out)
     bundle = load_bundle(args.model)
 
-    from dalle_jax.generate import generate_images, resolve_settings  # noqa: PLC0415
+    from dalle_jax.generate import (  # noqa: PLC0415
+        generate_images,
+        resolve_rerank,
+        resolve_settings,
+    )
 
+    # None (the flag left out) is the bundle's default; the manifest records what was done.
+    rerank = resolve_rerank(bundle, args.num_images, args.rerank)
     settings = resolve_settings(
         bundle.sampling,
         temperature=args.temperature,
@@ -270,7 +279,7 @@ def _main(argv: Sequence[str] | None) -> int:
         num_images=args.num_images,
         seed=args.seed,
         batch_size=args.batch_size,
-        rerank=args.rerank,
+        rerank=rerank or 0,
         progress=True,
         warn=_warn,
         # top_k / top_p "off" is spelled 0 / 1 here: None would mean "the bundle's value".
@@ -289,10 +298,16 @@ def _main(argv: Sequence[str] | None) -> int:
         settings={
             **settings.to_dict(),
             "num_images": args.num_images,
-            "rerank": args.rerank,
+            "rerank": rerank,
             "model": str(getattr(bundle, "path", args.model or DEFAULT_MODEL)),
         },
     )
+    if rerank:
+        source = "the bundle's default" if args.rerank is None else "--rerank"
+        print(
+            f"reranked: kept the {args.num_images} best of {rerank} candidates per prompt "
+            f"({source}; --rerank 0 turns it off)"
+        )
     for entry in manifest:
         print(f"{entry['prompt']!r}: {out / entry['grid']}")
     print(f"manifest: {out / MANIFEST_NAME}")

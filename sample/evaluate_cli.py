@@ -32,11 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Evaluate a trained dalle-jax bundle on splits of a prepared dataset: prints one "
             "table with a column per split and writes OUT/evaluation.json. Metric groups: "
             "judge (shapes_world only: generated images scored by the deterministic shapes "
-            "judge), r_precision (the reranker's top-1 among 100 prompts of the split, on "
+            "judge, with the bundle's default sampling, its default reranking included; see "
+            "--rerank), r_precision (the reranker's top-1 among 100 prompts of the split, on "
             "images generated without reranking), fd (Frechet distance on the reranker's image "
-            "features; not Inception FID), loss (image bits/dim, text nats/token), vqvae "
-            "(reconstruction PSNR, codebook usage). Metrics that cannot be measured (no "
-            "reranker, not shapes_world) are reported as n/a with the reason."
+            "features of images generated without reranking; not Inception FID), loss (image "
+            "bits/dim, text nats/token), vqvae (reconstruction PSNR, codebook usage). Metrics "
+            "that cannot be measured (no reranker, not shapes_world) are reported as n/a with "
+            "the reason."
         ),
         formatter_class=HelpFormatter,
     )
@@ -98,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate no images: skip judge, r_precision and fd (loss and vqvae only)",
     )
     add_sampling_arguments(parser)
+    parser.add_argument(
+        "--rerank",
+        metavar="M",
+        type=int,
+        default=None,
+        help="judge images: draw M candidates per prompt and keep the one the bundle's reranker "
+        "scores best; 0 = no reranking. R-precision and FD always use images generated without "
+        "reranking (with reranking on, the judge on those images is reported too) (default: "
+        "the bundle's: its bundle.json sampling rerank_per_image K when it has a reranker, "
+        "else no reranking)",
+    )
     return parser
 
 
@@ -113,7 +126,7 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
     from dalle_jax.sampling import SamplingSettings  # noqa: PLC0415
 
     check_num_prompts(args.num_prompts)
-    check_counts(1, None, args.batch_size, args.seed)
+    check_counts(1, args.rerank, args.batch_size, args.seed)
     splits = parse_splits(args.split)
     groups = parse_metric_groups(args.metrics, generate=not args.no_generate)
     given = {
@@ -158,6 +171,7 @@ def _main(argv: Sequence[str] | None) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         cfg_scale=args.cfg_scale,
+        rerank=args.rerank,
         metrics=groups,
         data_dir=args.data_dir,
         progress=True,

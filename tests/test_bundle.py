@@ -222,6 +222,14 @@ BAD_BUNDLES = {
         lambda b: _edit_json(b / "bundle.json", vqvae__base_channels=16),
         r"vqvae: the vqvae weights do not fit the vqvae config",
     ),
+    "rerank_per_image 0": (
+        lambda b: _edit_json(b / "bundle.json", sampling__rerank_per_image=0),
+        r"bundle\.json: sampling 'rerank_per_image' must be a whole number >= 1 .*got 0",
+    ),
+    "rerank_per_image not a number": (
+        lambda b: _edit_json(b / "bundle.json", sampling__rerank_per_image="x"),
+        r"bundle\.json: sampling 'rerank_per_image' must be a whole number >= 1 .*got 'x'",
+    ),
     "vqvae grid unlike the transformer's": (
         lambda b: _edit_json(b / "bundle.json", vqvae__image_size=64),
         r"the transformer's image grid is \(8, 8\) but the vqvae's is \(16, 16\)",
@@ -269,15 +277,21 @@ def test_export_checks_its_inputs(good_bundle, transformer, vqvae, tokenizer, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
-def test_a_reranker_added_later_loads_and_scores(good_bundle, tokenizer, tmp_path):
-    path = tmp_path / "with_reranker"
-    shutil.copytree(good_bundle, path)
+@pytest.fixture(scope="module")
+def tiny_reranker(tokenizer):
+    """(config, module) of a random-init reranker that fits `tokenizer`."""
     config = reranker_lib.get_config(
         "tiny",
         text_vocab_size=tokenizer.vocab_size,
         tokenizer_sha256=reranker_lib.tokenizer_sha256(tokenizer.to_bytes()),
     )
-    reranker = jit_init(lambda: reranker_lib.create_reranker(config, seed=3))
+    return config, jit_init(lambda: reranker_lib.create_reranker(config, seed=3))
+
+
+def test_a_reranker_added_later_loads_and_scores(good_bundle, tokenizer, tiny_reranker, tmp_path):
+    path = tmp_path / "with_reranker"
+    shutil.copytree(good_bundle, path)
+    config, reranker = tiny_reranker
     bundle_lib.add_reranker(path, config, nnx.state(reranker))
     loaded = bundle_lib.load_bundle(path)
     assert loaded.meta["reranker"] == config.to_dict()
@@ -301,3 +315,74 @@ def test_a_relative_output_path_is_written_and_read(transformer, vqvae, tokenize
         loaded = bundle_lib.load_bundle(Path("bundles") / "mine")
     assert (tmp_path / "bundles" / "mine" / bundle_lib.BUNDLE_JSON).is_file()
     assert loaded.transformer_config == transformer.config
+
+
+def test_a_rerank_default_is_stored_and_loaded(transformer, vqvae, tokenizer, tmp_path):
+    sampling = {"top_k": 16, "rerank_per_image": 4}
+    path = export(tmp_path / "r", transformer, vqvae, tokenizer, sampling=sampling)
+    assert json.loads((path / "bundle.json").read_text())["sampling"]["rerank_per_image"] == 4
+    loaded = bundle_lib.load_bundle(path)
+    assert loaded.sampling == {**bundle_lib.DEFAULT_SAMPLING, **sampling}
+    with pytest.raises(UserError, match="export: sampling 'rerank_per_image' must be"):
+        export(tmp_path / "bad", transformer, vqvae, tokenizer, sampling={"rerank_per_image": 0})
+
+
+# ---- `train export --rerank-per-image` ------------------------------------------------------
+
+
+@pytest.fixture
+def fake_export(good_bundle, monkeypatch):
+    """`train export` without a training run: `export_workdir` copies `good_bundle` to --out
+    and records what it was asked for; `load_reranker` reads nothing."""
+    calls = []
+
+    def export_workdir(workdir, *, out, sampling, **kwargs):
+        calls.append(dict(sampling))
+        shutil.copytree(good_bundle, out)
+        return Path(out)
+
+    monkeypatch.setattr("dalle_jax.training.export_workdir", export_workdir)
+    return calls
+
+
+def train_export(tmp_path, *flags):
+    from train.cli import main
+
+    base = ["export", "--workdir", "w", "--vqvae", "v", "--tokenizer", "t"]
+    return main([*base, "--out", str(tmp_path / "bundle"), *flags])
+
+
+def test_train_export_stores_the_rerank_default_with_the_reranker(
+    fake_export, tiny_reranker, tmp_path, monkeypatch, capsys
+):
+    from dalle_jax.generate import default_rerank
+
+    config, reranker = tiny_reranker
+    monkeypatch.setattr(
+        "dalle_jax.reranker_training.load_reranker", lambda workdir: (nnx.state(reranker), config)
+    )
+    flags = ["--reranker", "r", "--rerank-per-image", "4", "--temperature", "0.5"]
+    assert train_export(tmp_path, *flags) == 0, capsys.readouterr().err
+    # Token settings go through `export_workdir`; the rerank default is added to bundle.json.
+    assert fake_export == [{"temperature": 0.5}]
+    assert "reranking 4 candidates per image by default" in capsys.readouterr().out
+    loaded = bundle_lib.load_bundle(tmp_path / "bundle")
+    assert loaded.sampling["rerank_per_image"] == 4 and loaded.reranker is not None
+    assert loaded.sampling["top_k"] == 16  # the rest of the sampling dict is kept
+    assert default_rerank(loaded, 2) == 8
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--rerank-per-image", "4"], "--rerank-per-image 4 needs a reranker in the bundle"),
+        (["--rerank-per-image", "0", "--reranker", "r"], "--rerank-per-image must be at least 1"),
+    ],
+)
+def test_train_export_rerank_default_errors_are_one_line(
+    flags, expected, fake_export, tmp_path, capsys
+):
+    assert train_export(tmp_path, *flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert fake_export == []  # refused before the (slow) export

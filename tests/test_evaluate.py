@@ -23,6 +23,7 @@ from dalle_jax.data import pipeline, registry
 from dalle_jax.data.shapes_world.spec import parse_caption
 from dalle_jax.errors import UserError
 from dalle_jax.evaluation import evaluate as ev
+from dalle_jax.generate import generate_images
 from dalle_jax.model import DalleTransformer, get_config
 from dalle_jax.model.loss import loss_fn
 from dalle_jax.tokenizer import TextTokenizer, train_tokenizer
@@ -295,6 +296,123 @@ def test_without_a_reranker_r_precision_is_absent_and_generation_is_the_same(
     assert "n/a" in table and f"R-precision (reranker top-1): {ev.NO_RERANKER}" in table
 
 
+class BrightestFirst:
+    """The bundle's reranker for embeddings (R-precision, FD), but scoring by brightness, so
+    that reranking picks a known candidate."""
+
+    def __init__(self, reranker):
+        self.model, self.tokenizer = reranker.model, reranker.tokenizer
+
+    def score(self, images, prompts):
+        return images.reshape(len(images), -1).mean(axis=1)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """The images the judge and the reranker's image embeddings see, in call order."""
+    seen = {"judge": [], "embedded": []}
+    judge, embed = ev.judge_metrics, rr.image_embeddings
+
+    def judge_spy(images, captions):
+        seen["judge"].append(np.array(images))
+        return judge(images, captions)
+
+    def embed_spy(model, images):
+        seen["embedded"].append(np.array(images))
+        return embed(model, images)
+
+    monkeypatch.setattr(ev, "judge_metrics", judge_spy)
+    monkeypatch.setattr(rr, "image_embeddings", embed_spy)
+    return seen
+
+
+def test_a_rerank_default_reranks_the_judges_images_and_not_r_precisions(
+    report, bundle, data_dir, spies, tmp_path
+):
+    reranker = BrightestFirst(bundle.reranker)
+    defaulted = dataclasses.replace(
+        bundle, reranker=reranker, sampling={**bundle.sampling, "rerank_per_image": 3}
+    )
+    reranked_report = ev.evaluate_bundle(
+        defaulted,
+        DATASET,
+        ["test"],
+        num_prompts=12,
+        batch_size=8,
+        metrics="judge,r_precision,fd",
+        data_dir=data_dir,
+        progress=False,
+    )
+    examples = ev.load_examples(pipeline.open_split(DATASET, "test", data_dir=data_dir), 12, 32)
+    drawn = lambda b, rerank: np.stack(  # noqa: E731
+        [
+            d[0]
+            for d in generate_images(
+                b, examples.captions, num_images=1, rerank=rerank, batch_size=8, progress=False
+            )
+        ]
+    )
+    best_of_3 = drawn(dataclasses.replace(bundle, reranker=reranker), 3)
+    plain = drawn(bundle, 0)
+    assert (best_of_3 != plain).any()
+    # The judge scores the reranker's pick, then (reported apart) the images R-precision and
+    # FD use: generated without reranking, the same ones as without a rerank default.
+    assert len(spies["judge"]) == 2
+    np.testing.assert_array_equal(spies["judge"][0], best_of_3)
+    np.testing.assert_array_equal(spies["judge"][1], plain)
+    np.testing.assert_array_equal(spies["embedded"][0], plain)
+    np.testing.assert_array_equal(spies["embedded"][1], examples.images)  # FD's real images
+    result, before = reranked_report["results"]["test"], report["results"]["test"]
+    assert result["r_precision"] == before["r_precision"]
+    assert result["reranker_fd"] == before["reranker_fd"]
+    assert result["judge_accuracy_no_rerank"] == before["judge_accuracy"]
+    assert (
+        result["judge_accuracy"] == ev.judge_metrics(best_of_3, examples.captions)["judge_accuracy"]
+    )
+    # Recorded in the JSON and said in the table; without reranking nothing is doubled.
+    saved = json.loads(ev.write_report(reranked_report, tmp_path).read_text())
+    assert saved["rerank"] == 3 and "judge_accuracy_no_rerank" in saved["results"]["test"]
+    assert report["rerank"] is None and "judge_accuracy_no_rerank" not in before
+    table = ev.format_table(reranked_report)
+    assert (
+        "generated images: judge: the reranker's best of 3 per prompt; R-precision, FD, judge "
+        "without reranking: one image per prompt, no reranking"
+    ) in table
+    assert any(line.startswith("shapes judge without reranking") for line in table.splitlines())
+    assert table.count("generated images:") == 1
+    assert "generated images: one per prompt, no reranking" in ev.format_table(report)
+
+
+def test_rerank_0_turns_the_default_off_and_an_explicit_one_needs_a_reranker(
+    bundle, data_dir, spies
+):
+    defaulted = dataclasses.replace(
+        bundle,
+        reranker=BrightestFirst(bundle.reranker),
+        sampling={**bundle.sampling, "rerank_per_image": 3},
+    )
+    off = ev.evaluate_bundle(
+        defaulted,
+        DATASET,
+        ["test"],
+        num_prompts=12,
+        batch_size=8,
+        rerank=0,
+        metrics="judge",
+        data_dir=data_dir,
+        progress=False,
+    )
+    assert off["rerank"] is None and "judge_accuracy_no_rerank" not in off["results"]["test"]
+    examples = ev.load_examples(pipeline.open_split(DATASET, "test", data_dir=data_dir), 12, 32)
+    plain = generate_images(bundle, examples.captions, num_images=1, batch_size=8, progress=False)
+    (judged,) = spies["judge"]
+    np.testing.assert_array_equal(judged, np.stack([d[0] for d in plain]))
+    # Checked before any split is opened (this one does not exist).
+    no_reranker = dataclasses.replace(bundle, reranker=None)
+    with pytest.raises(UserError, match="no reranker"):
+        ev.evaluate_bundle(no_reranker, DATASET, ["nope"], rerank=4, data_dir=data_dir)
+
+
 def test_judge_is_absent_outside_shapes_world(bundle, heldout):
     examples = dataclasses.replace(heldout, name="emoji/32:test")
     result = ev.evaluate_split(
@@ -385,8 +503,10 @@ def test_cli_help_documents_every_flag_with_its_default(capsys):
         "--top-k",
         "--top-p",
         "--cfg-scale",
+        "--rerank",
     ):
         assert flag in text
+    assert "0 = no reranking" in text and "rerank_per_image" in text
     assert "(default: 1000)" in text and "(default: evaluation)" in text
 
 
@@ -402,6 +522,7 @@ def test_cli_help_documents_every_flag_with_its_default(capsys):
         (["--metrics", "fid"], "unknown metric group 'fid'"),
         (["--batch-size", "0"], "batch size must be at least 1"),
         (["--top-p", "0"], "top-p must be in (0, 1]"),
+        (["--rerank", "-1"], "rerank -1 is negative"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(flags, expected, bundle_dir, data_dir, tmp_path, capsys):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dalle_jax.bundle import add_reranker, load_bundle
 from dalle_jax.errors import UserError
-from dalle_jax.generate import generate_images
+from dalle_jax.generate import check_rerank_per_image, default_rerank, generate_images
 from dalle_jax.tokenizer import TextTokenizer
 from sample.cli import main
 
@@ -105,6 +105,50 @@ def test_generate_images_rerank_keeps_the_best_candidates(bundle):
     ]
 
 
+def with_rerank_default(bundle, per_image, reranker):
+    """The bundle with `rerank_per_image` in its sampling dict and the given reranker."""
+    sampling = {**bundle.sampling, "rerank_per_image": per_image}
+    return dataclasses.replace(bundle, sampling=sampling, reranker=reranker)
+
+
+def test_generate_images_reranks_by_the_bundles_default(bundle):
+    prompts = ["a red circle", "a green star"]
+    reranker = BrightnessReranker()
+    defaulted = with_rerank_default(bundle, 3, reranker)
+    run = lambda b, **kw: as_array(  # noqa: E731
+        generate_images(b, prompts, num_images=2, seed=4, batch_size=4, progress=False, **kw)
+    )
+    kept = run(defaulted)  # rerank=None: the bundle's default, 3 candidates per image kept
+    assert [shape for shape, _ in reranker.calls] == [(6, IMAGE_SIZE, IMAGE_SIZE, 3)] * 2
+    np.testing.assert_array_equal(
+        kept, run(dataclasses.replace(bundle, reranker=reranker), rerank=6)
+    )
+    plain = run(bundle)
+    assert (kept != plain).any()
+    # rerank=0 turns the default off: the images of a bundle without one.
+    calls = len(reranker.calls)
+    np.testing.assert_array_equal(run(defaulted, rerank=0), plain)
+    assert len(reranker.calls) == calls
+    # An explicit rerank wins over the default: 4 candidates per prompt, not 6.
+    run(defaulted, rerank=4)
+    assert [shape[0] for shape, _ in reranker.calls[calls:]] == [4, 4]
+    # A default on a bundle without a reranker: N images drawn, none reranked.
+    np.testing.assert_array_equal(run(with_rerank_default(bundle, 3, None)), plain)
+
+
+def test_default_rerank_is_k_times_n_with_a_reranker_and_k_above_1(bundle):
+    reranker = BrightnessReranker()
+    assert default_rerank(with_rerank_default(bundle, 16, reranker), 4) == 64
+    assert default_rerank(with_rerank_default(bundle, 16, None), 4) is None
+    assert default_rerank(with_rerank_default(bundle, 1, reranker), 4) is None
+    assert default_rerank(dataclasses.replace(bundle, reranker=reranker), 4) is None  # no key
+    for bad in (0, -3, "x", 2.5, True):
+        with pytest.raises(UserError, match="'rerank_per_image' must be a whole number") as error:
+            default_rerank(with_rerank_default(bundle, bad, reranker), 4)
+        assert "\n" not in str(error.value) and "bundle.json" in str(error.value)
+    assert check_rerank_per_image(None) == 1 and check_rerank_per_image(np.int64(8)) == 8
+
+
 def test_generate_images_bad_input(bundle):
     with pytest.raises(UserError, match="no reranker"):
         generate_images(bundle, ["a red circle"], num_images=2, rerank=4, progress=False)
@@ -116,6 +160,8 @@ def test_generate_images_bad_input(bundle):
         generate_images(bundle, ["a red circle"], num_images=0, progress=False)
     with pytest.raises(UserError, match="rerank 2"):
         generate_images(bundle, ["a red circle"], num_images=3, rerank=2, progress=False)
+    with pytest.raises(UserError, match="rerank -1 is negative"):
+        generate_images(bundle, ["a red circle"], num_images=3, rerank=-1, progress=False)
 
 
 def test_generate_images_warns_once_about_long_prompts(bundle):
@@ -306,6 +352,36 @@ def test_cli_rerank_with_the_bundles_reranker(bundle_dir, tmp_path, capsys):
     assert len(entry["images"]) == 2 and entry["settings"]["rerank"] == 3
 
 
+def read_images(out: Path, entry: dict) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(out / relative)) for relative in entry["images"]])
+
+
+def test_cli_reranks_by_the_bundles_default_and_rerank_0_turns_it_off(
+    bundle, tmp_path, capsys, monkeypatch
+):
+    import sample.cli as sample_cli
+
+    defaulted = with_rerank_default(bundle, 2, BrightnessReranker())
+    monkeypatch.setattr(sample_cli, "load_bundle", lambda model: defaulted)
+    argv = ["a red circle", "--num-images", "2", "--seed", "3", "--batch-size", "4"]
+    drawn = lambda b, **kw: np.stack(  # noqa: E731
+        generate_images(b, ["a red circle"], num_images=2, seed=3, progress=False, **kw)[0]
+    )
+
+    code, out_text, err = run_cli(capsys, *argv, "--out", tmp_path / "default")
+    assert code == 0, err
+    (entry,) = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert entry["settings"]["rerank"] == 4  # 2 candidates per image kept, 2 images
+    assert "best of 4 candidates per prompt (the bundle's default" in out_text
+    np.testing.assert_array_equal(read_images(tmp_path / "default", entry), drawn(defaulted))
+
+    code, out_text, err = run_cli(capsys, *argv, "--rerank", "0", "--out", tmp_path / "off")
+    assert code == 0, err
+    (entry,) = json.loads((tmp_path / "off" / "manifest.json").read_text())
+    assert entry["settings"]["rerank"] is None and "reranked" not in out_text
+    np.testing.assert_array_equal(read_images(tmp_path / "off", entry), drawn(bundle))
+
+
 def corrupt_json(bundle_copy: Path) -> None:
     (bundle_copy / "bundle.json").write_text("{not json")
 
@@ -323,6 +399,7 @@ def drop_weights(bundle_copy: Path) -> None:
         (["--prompts-file", "{tmp}/missing.txt", "--model", "{bundle}"], "cannot read"),
         (["a red circle", "--num-images", "0", "--model", "{bundle}"], "at least 1"),
         (["a red circle", "--num-images", "4", "--rerank", "2", "--model", "{bundle}"], "rerank 2"),
+        (["a red circle", "--rerank", "-1", "--model", "{bundle}"], "rerank -1 is negative"),
         (
             ["a red circle", "--rerank", "4", "--model", "{bundle}", "--out", "{tmp}/o"],
             "no reranker",
@@ -341,6 +418,7 @@ def drop_weights(bundle_copy: Path) -> None:
         "missing-prompts-file",
         "zero-images",
         "rerank-below-n",
+        "negative-rerank",
         "rerank-without-reranker",
         "unwritable-out",
         "bad-top-p",
@@ -405,6 +483,8 @@ def test_cli_in_a_fresh_process_help_and_error_without_traceback():
     ):
         assert flag in completed.stdout
     assert "(default: 4)" in completed.stdout and "(default: samples)" in completed.stdout
+    help_text = " ".join(completed.stdout.split())
+    assert "0 = no reranking (default: the bundle's" in help_text
     completed = subprocess.run(
         [sys.executable, "-m", "sample", "a red circle", "--num-images", "0"],
         capture_output=True,

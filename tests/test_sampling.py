@@ -313,6 +313,19 @@ def test_settings_validation():
     assert SamplingSettings(top_k=0, top_p=1.0) == SamplingSettings()  # "off" spelled once
 
 
+def test_a_bundles_rerank_default_is_not_a_token_setting():
+    from dalle_jax.generate import resolve_settings
+
+    bundle_sampling = {"temperature": 0.5, "top_k": 16, "rerank_per_image": 16}
+    # SamplingSettings (which keys the compiled sampler) knows nothing of reranking ...
+    with pytest.raises(UserError, match="rerank_per_image"):
+        SamplingSettings.from_dict(bundle_sampling)
+    # ... so the bundle's settings are resolved without it.
+    settings = resolve_settings(bundle_sampling, cfg_scale=2.0)
+    assert settings == SamplingSettings(temperature=0.5, top_k=16, cfg_scale=2.0)
+    assert "rerank_per_image" not in settings.to_dict()
+
+
 # ---- segments ------------------------------------------------------------------------------------
 def test_segment_bounds_cover_every_step_once_in_order():
     for num_steps in (0, 1, 5, 63, 255):

@@ -2,12 +2,18 @@
 
 Writes the latest checkpoint of a `train dalle` run, with its vqvae and tokenizer, as one
 self-describing folder that `sample --model BUNDLE` loads (see `dalle_jax.bundle`).
+`--rerank-per-image K` (with `--reranker`) makes reranking the bundle's default: `sample` and
+`evaluate` then draw K candidates per image kept unless told `--rerank 0`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
+from dalle_jax.errors import UserError
 from train.data_cmd import no_default
 
 HELP = "Export a trained transformer with its vqvae and tokenizer as one bundle folder."
@@ -64,9 +70,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults.add_argument(
         "--cfg-scale", type=float, metavar="C", help=no_default("classifier-free guidance; 1 = off")
     )
+    defaults.add_argument(
+        "--rerank-per-image",
+        type=int,
+        metavar="K",
+        help=no_default(
+            "rerank by default: `sample` and `evaluate` draw K candidates per image kept and keep "
+            "those the reranker scores best (needs --reranker; 1 = off; `--rerank 0` turns it "
+            "off when sampling)"
+        ),
+    )
+
+
+def check_rerank_per_image(args: argparse.Namespace) -> None:
+    """--rerank-per-image: an int >= 1, and above 1 only with a reranker; UserError otherwise.
+    Checked before the (slow) export."""
+    per_image = args.rerank_per_image
+    if per_image is None:
+        return
+    if per_image < 1:
+        raise UserError(
+            f"--rerank-per-image must be at least 1 (1 = no reranking), got {per_image}"
+        )
+    if per_image > 1 and not args.reranker:
+        raise UserError(
+            f"--rerank-per-image {per_image} needs a reranker in the bundle; pass --reranker "
+            "RDIR (a `train reranker` workdir) or leave --rerank-per-image out"
+        )
+
+
+def store_rerank_per_image(bundle_dir: Path, per_image: int) -> None:
+    """Adds `rerank_per_image` to the sampling dict of the bundle's bundle.json (replaced
+    whole, so a reader never sees half a file)."""
+    from dalle_jax.bundle import BUNDLE_JSON, read_bundle_json
+    from dalle_jax.generate import RERANK_PER_IMAGE
+
+    meta = read_bundle_json(bundle_dir)
+    meta["sampling"] = {**(meta.get("sampling") or {}), RERANK_PER_IMAGE: per_image}
+    staged = bundle_dir / f".{BUNDLE_JSON}.tmp"
+    staged.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(staged, bundle_dir / BUNDLE_JSON)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_rerank_per_image(args)
     from dalle_jax.training import export_workdir
 
     out = export_workdir(
@@ -88,5 +135,11 @@ def run(args: argparse.Namespace) -> int:
 
         reranker, reranker_config = load_reranker(args.reranker)
         add_reranker(out, reranker_config, reranker)
-    print(f"bundle written to {out}" + (" (with its reranker)" if args.reranker else ""))
+    if args.rerank_per_image is not None:
+        # `export_workdir` stores only the token-drawing settings (SamplingSettings).
+        store_rerank_per_image(Path(out), args.rerank_per_image)
+    extras = ["with its reranker"] if args.reranker else []
+    if args.rerank_per_image is not None and args.rerank_per_image > 1:
+        extras.append(f"reranking {args.rerank_per_image} candidates per image by default")
+    print(f"bundle written to {out}" + (f" ({'; '.join(extras)})" if extras else ""))
     return 0

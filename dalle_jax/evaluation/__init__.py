@@ -1,1 +1,2 @@
-"""Evaluation of images against captions (`shapes_judge`: the deterministic shapes judge)."""
+"""Evaluation of a bundle: `evaluate` (the figures of the `evaluate` command: judge, R-precision,
+reranker-feature FD, losses, vqvae) and `shapes_judge` (the deterministic shapes judge)."""

@@ -8,19 +8,28 @@ of a model card, one column per split, in one run.
 Each split is evaluated on its first `num_prompts` examples (in source order, so the same
 examples every run). Metric groups (`METRIC_GROUPS`):
 
-- `judge` (shapes_world only): one image is generated per caption (`generate_images`, the
-  bundle's sampling settings unless overridden, NO reranking) and scored by the deterministic
-  shapes judge against what the caption asks for: the fraction of requested objects drawn with
-  the right color, shape and position (and size when the caption says it), plus each
-  attribute's own accuracy.
-- `r_precision` (needs the bundle's reranker): contrastive R-precision on those same generated
-  images: in groups of `R_PRECISION_GROUP` (100) prompts, the fraction of images whose own prompt
-  the reranker ranks first among the group's prompts. A prompt whose text is identical to the
-  true one counts as right (`r_precision`; shapes_world repeats short captions word for word);
-  `r_precision_by_index` counts only the very prompt. Chance is 1/group. Images are generated
-  without reranking, so the measure is not circular.
+- `judge` (shapes_world only): one image is generated per caption with the bundle's default
+  sampling (`generate_images`: its settings unless overridden, and its default reranking, see
+  below) and scored by the deterministic shapes judge against what the caption asks for: the
+  fraction of requested objects drawn with the right color, shape and position (and size when
+  the caption says it), plus each attribute's own accuracy.
+- `r_precision` (needs the bundle's reranker): contrastive R-precision on images generated
+  WITHOUT reranking: in groups of `R_PRECISION_GROUP` (100) prompts, the fraction of images whose
+  own prompt the reranker ranks first among the group's prompts. A prompt whose text is
+  identical to the true one counts as right (`r_precision`; shapes_world repeats short captions
+  word for word); `r_precision_by_index` counts only the very prompt. Chance is 1/group. Images
+  reranked by the same reranker would make the measure circular.
 - `fd` (needs the reranker): a Fréchet distance between Gaussians fitted to the reranker's image
-  embeddings of the generated and of the real images. NOT comparable to Inception FID.
+  embeddings of the generated (without reranking, as for R-precision) and of the real images.
+  NOT comparable to Inception FID.
+
+Reranking (`rerank`: None = the bundle's default, `rerank_per_image` in its sampling dict; 0 =
+off; M = M candidates per prompt): when it is on, the judge scores the one image per prompt the
+reranker picks among M candidates, and R-precision and FD use a second set generated with the
+same seed and no reranking (`generate_images(rerank=0)`); the judge on that set is reported too,
+as `judge_accuracy_no_rerank`. When it is off, one set serves every metric and
+`judge_accuracy_no_rerank` is left out (`judge_accuracy` is that figure). The report records
+the candidates per prompt as `"rerank"` (None when off).
 - `loss`: the split's images encoded with the bundle's vqvae and its captions with the bundle's
   tokenizer (cut or padded to the transformer's text length), one teacher-forced forward, no
   dropout and no caption dropout: image bits per dim (nats per image token / ln 2), nats per
@@ -66,7 +75,7 @@ R_PRECISION_GROUP = 100
 SHAPES_DATASET = "shapes_world"
 FD_NOTE = (
     "reranker_fd: Frechet distance between Gaussians fitted to the reranker's image embeddings "
-    "of generated and real images; NOT comparable to Inception FID"
+    "of generated (without reranking) and real images; NOT comparable to Inception FID"
 )
 NO_RERANKER = "the bundle has no reranker"
 NOT_SHAPES = "the shapes judge scores shapes_world images only"
@@ -435,13 +444,16 @@ def evaluate_split(
     seed: int,
     batch_size: int,
     settings: Any,
+    rerank: int | None = None,
     progress: bool = True,
     warn: Warn | None = None,
 ) -> dict[str, Any]:
     """The metrics of one split's loaded examples (see the module docstring for each group).
 
-    settings: the resolved `SamplingSettings`. Returns {"examples": n, metric: value or None,
-    ..., "absent": {metric: why}, "seconds": {phase: wall seconds}}.
+    settings: the resolved `SamplingSettings`. rerank: candidates drawn per prompt for the
+    judge's images, the reranker keeping one (None or 0: no reranking; resolve a bundle's
+    default with `dalle_jax.generate.resolve_rerank` first). Returns {"examples": n, metric:
+    value or None, ..., "absent": {metric: why}, "seconds": {phase: wall seconds}}.
     """
     warn = warn or _log.warning
     split = examples.name.partition(":")[2] or examples.name
@@ -472,16 +484,18 @@ def evaluate_split(
         else:
             want_embeddings.append(group)
 
-    if want_judge or want_embeddings:
+    def generate(candidates: int) -> np.ndarray:
+        """One image per caption, uint8 [n, S, S, 3]: the best of `candidates` (0: no
+        reranking)."""
         from dalle_jax.generate import generate_images  # noqa: PLC0415
 
-        clock = time.perf_counter()
-        generated = generate_images(
+        drawn = generate_images(
             bundle,
             captions,
             num_images=1,
             seed=seed,
             batch_size=batch_size,
+            rerank=candidates,
             progress=progress,
             warn=warn,
             # "off" is spelled 0 / 1 here: None would mean "the bundle's value".
@@ -490,26 +504,44 @@ def evaluate_split(
             top_p=settings.top_p or 1.0,
             cfg_scale=settings.cfg_scale,
         )
-        generated = np.stack([drawn[0] for drawn in generated])
-        seconds["generate"] = time.perf_counter() - clock
-        if want_judge:
-            clock = time.perf_counter()
-            result.update(judge_metrics(generated, captions))
-            seconds["judge"] = time.perf_counter() - clock
-        if want_embeddings:
-            from dalle_jax import reranker as rr  # noqa: PLC0415
+        return np.stack([images_of_caption[0] for images_of_caption in drawn])
 
-            clock = time.perf_counter()
-            model = reranker.model
-            generated_emb = rr.image_embeddings(model, generated)
-            if "r_precision" in want_embeddings:
-                text_ids = reranker.tokenizer.encode(captions, model.config.text_length)
-                text_emb = rr.text_embeddings(model, text_ids)
-                result.update(r_precision_metrics(generated_emb, text_emb, captions))
-            if "fd" in want_embeddings:
-                real_emb = rr.image_embeddings(model, images)
-                result["reranker_fd"] = frechet_distance(generated_emb, real_emb)
-            seconds["reranker"] = time.perf_counter() - clock
+    rerank = rerank or 0
+    reranked = None  # the judge's images when reranking is on
+    generated = None  # images without reranking
+    if want_judge and rerank:
+        clock = time.perf_counter()
+        reranked = generate(rerank)
+        seconds["generate_reranked"] = time.perf_counter() - clock
+    if want_embeddings or (want_judge and not rerank):
+        clock = time.perf_counter()
+        generated = generate(0)
+        seconds["generate"] = time.perf_counter() - clock
+
+    if want_judge:
+        clock = time.perf_counter()
+        if reranked is not None:
+            result.update(judge_metrics(reranked, captions))
+            if generated is not None:
+                no_rerank = judge_metrics(generated, captions)["judge_accuracy"]
+                result["judge_accuracy_no_rerank"] = no_rerank
+        else:
+            result.update(judge_metrics(generated, captions))
+        seconds["judge"] = time.perf_counter() - clock
+    if want_embeddings:
+        from dalle_jax import reranker as rr  # noqa: PLC0415
+
+        clock = time.perf_counter()
+        model = reranker.model
+        generated_emb = rr.image_embeddings(model, generated)
+        if "r_precision" in want_embeddings:
+            text_ids = reranker.tokenizer.encode(captions, model.config.text_length)
+            text_emb = rr.text_embeddings(model, text_ids)
+            result.update(r_precision_metrics(generated_emb, text_emb, captions))
+        if "fd" in want_embeddings:
+            real_emb = rr.image_embeddings(model, images)
+            result["reranker_fd"] = frechet_distance(generated_emb, real_emb)
+        seconds["reranker"] = time.perf_counter() - clock
 
     if "loss" in groups or "vqvae" in groups:
         clock = time.perf_counter()
@@ -563,6 +595,25 @@ def evaluate_split(
     return result
 
 
+def images_note(rerank: int | None, groups: Sequence[str] = GENERATED_GROUPS) -> str:
+    """Which generated images each requested metric used, e.g. "judge: the reranker's best of
+    16 per prompt; R-precision, FD, judge without reranking: one image per prompt, no
+    reranking"."""
+    if not rerank:
+        return "one per prompt, no reranking"
+    plain = [
+        name for group, name in (("r_precision", "R-precision"), ("fd", "FD")) if group in groups
+    ]
+    parts = []
+    if "judge" in groups:
+        parts.append(f"judge: the reranker's best of {rerank} per prompt")
+        if plain:
+            plain.append("judge without reranking")
+    if plain:
+        parts.append(f"{', '.join(plain)}: one image per prompt, no reranking")
+    return "; ".join(parts)
+
+
 # ------------------------------------------------------------------------------ the command
 
 
@@ -586,6 +637,7 @@ def evaluate_bundle(
     top_k: int | None = None,
     top_p: float | None = None,
     cfg_scale: float | None = None,
+    rerank: int | None = None,
     metrics: str | Sequence[str] | None = None,
     data_dir: str | None = None,
     progress: bool = True,
@@ -597,24 +649,34 @@ def evaluate_bundle(
     bundle: a loaded `Bundle`, a bundle folder or a shipped bundle's name. splits: names or a
     comma list. num_prompts: the first N examples of each split (all of a smaller split, with a
     warning). Sampling settings: None takes the bundle's (`resolve_settings`; top_k 0 and top_p
-    1 turn a filter off). metrics: groups of `METRIC_GROUPS` (None: all). data_dir: where the
-    dataset is prepared (default `$DALLE_JAX_DATA_DIR`). Bad input (unknown dataset or split,
-    an image size the vqvae does not take, a split without captions, num_prompts < 1) is a
-    `UserError`, raised before anything slow.
+    1 turn a filter off). rerank: candidates per prompt for the judge's images, the reranker
+    keeping one: None = the bundle's default (`dalle_jax.generate.default_rerank`), 0 = off;
+    R-precision and FD always use images generated without reranking (module docstring).
+    metrics: groups of `METRIC_GROUPS` (None: all). data_dir: where the dataset is prepared
+    (default `$DALLE_JAX_DATA_DIR`). Bad input (unknown dataset or split, an image size the
+    vqvae does not take, a split without captions, num_prompts < 1, a rerank without a
+    reranker) is a `UserError`, raised before anything slow.
     """
     from dalle_jax.data import pipeline  # noqa: PLC0415
-    from dalle_jax.generate import check_counts, resolve_settings  # noqa: PLC0415
+    from dalle_jax.generate import (  # noqa: PLC0415
+        check_counts,
+        resolve_rerank,
+        resolve_settings,
+    )
 
     started = time.perf_counter()
     warn = _once(warn or _log.warning)
     check_num_prompts(num_prompts)
-    check_counts(1, None, batch_size, seed)
+    check_counts(1, rerank, batch_size, seed)
     split_names = parse_splits(splits)
     groups = parse_metric_groups(metrics)
     bundle = _load(bundle)
     settings = resolve_settings(
         bundle.sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale
     )
+    generates = any(g in groups for g in GENERATED_GROUPS)
+    # Candidates per prompt for the judge (None: off); only generated images are reranked.
+    candidates = resolve_rerank(bundle, 1, rerank) if generates else None
     image_size = bundle.vqvae.config.image_size
 
     # Every split is opened and read before any model runs: a bad one fails in seconds.
@@ -641,14 +703,15 @@ def evaluate_bundle(
             seed=seed,
             batch_size=batch_size,
             settings=settings,
+            rerank=candidates,
             progress=progress,
             warn=warn,
         )
     notes = []
     if "fd" in groups and any(r.get("reranker_fd") is not None for r in results.values()):
         notes.append(FD_NOTE)
-    if any(g in groups for g in GENERATED_GROUPS):
-        notes.append("generated images: one per prompt, no reranking")
+    if generates:
+        notes.append(f"generated images: {images_note(candidates, groups)}")
     path = getattr(bundle, "path", None)
     meta = getattr(bundle, "meta", None) or {}
     return {
@@ -662,6 +725,7 @@ def evaluate_bundle(
         "seed": seed,
         "batch_size": batch_size,
         "settings": settings.to_dict(),
+        "rerank": candidates,
         "metric_groups": list(groups),
         "results": results,
         "notes": notes,
@@ -687,6 +751,7 @@ TABLE_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("judge_size_accuracy", "  size right", _percent),
     ("judge_position_accuracy", "  position right", _percent),
     ("judge_objects", "  objects requested", str),
+    ("judge_accuracy_no_rerank", "shapes judge without reranking", _percent),
     ("r_precision", "R-precision (reranker top-1)", _percent),
     ("r_precision_by_index", "  same prompt only", _percent),
     ("r_precision_group", "  captions per choice", str),
@@ -715,9 +780,12 @@ def format_table(report: Mapping[str, Any]) -> str:
     lines = [
         f"bundle {report.get('bundle')}  dataset {report.get('dataset')}  "
         f"prompts per split {report.get('num_prompts')}  seed {report.get('seed')}",
-        f"sampling: {spelled} (one image per prompt, no reranking)",
-        "",
+        f"sampling: {spelled}",
     ]
+    groups = report.get("metric_groups", GENERATED_GROUPS)
+    if any(g in groups for g in GENERATED_GROUPS):
+        lines.append(f"generated images: {images_note(report.get('rerank'), groups)}")
+    lines.append("")
     label_width = max(len(label) for _, label, _ in TABLE_ROWS)
     widths = [max(len(s), 8) for s in splits]
     lines.append(
@@ -744,7 +812,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         )
     for label, reason in reasons.items():
         lines.append(f"n/a: {label}: {reason}")
-    lines.extend(report.get("notes", []))
+    lines.extend(note for note in report.get("notes", []) if note not in lines)  # no repeats
     if "wall_time_s" in report:
         lines.append(f"wall time {report['wall_time_s']:.1f} s")
     return "\n".join(lines)
@@ -788,6 +856,7 @@ __all__ = [
     "evaluate_split",
     "format_table",
     "frechet_distance",
+    "images_note",
     "judge_metrics",
     "load_examples",
     "loss_metrics",
