@@ -425,15 +425,17 @@ def shipped_bundles() -> list[str]:
 def resolve_bundle_path(path_or_name: str | os.PathLike) -> Path:
     """A bundle directory, or the name of a shipped bundle -> its folder. UserError if neither."""
     path = Path(path_or_name).expanduser()
+    name = str(path_or_name)
+    bare_name = name and os.sep not in name and "/" not in name and not name.startswith(".")
+    shipped = SHIPPED_BUNDLES_DIR / name if bare_name else None
+    # A shipped bundle's name wins over a folder of that name that is not a bundle (say the
+    # `--out shapes` of an earlier `sample`): `--model shapes` must not break in that folder.
+    if shipped is not None and shipped.is_dir() and not (path / BUNDLE_JSON).is_file():
+        return shipped
     if path.is_dir():
         return path
     if path.exists():
         raise UserError(f"bundle {str(path)!r} is a file; pass the bundle's folder")
-    name = str(path_or_name)
-    if name and os.sep not in name and "/" not in name and not name.startswith("."):
-        shipped = SHIPPED_BUNDLES_DIR / name
-        if shipped.is_dir():
-            return shipped
     known = shipped_bundles()
     names = f"shipped bundles: {', '.join(known)}" if known else "no bundle ships with this install"
     raise UserError(

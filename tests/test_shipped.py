@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_jax.bundle import SHIPPED_BUNDLES_DIR, load_bundle, shipped_bundles
+from dalle_jax.bundle import SHIPPED_BUNDLES_DIR, load_bundle, resolve_bundle_path, shipped_bundles
 from sample.cli import DEFAULT_MODEL, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,3 +68,13 @@ def test_the_wheel_carries_every_shipped_file(tmp_path):
         if f.is_file() and "__pycache__" not in f.parts
     }
     assert shipped and shipped <= packaged, sorted(shipped - packaged)[:5]
+
+
+def test_a_shipped_name_wins_over_a_folder_of_that_name_that_is_no_bundle(tmp_path, monkeypatch):
+    # `sample --out shapes ...` leaves ./shapes behind; `--model shapes` must still work there.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DEFAULT_MODEL).mkdir()
+    assert resolve_bundle_path(DEFAULT_MODEL) == SHIPPED_BUNDLES_DIR / DEFAULT_MODEL
+    # A real bundle folder of that name is still taken as the path it is.
+    (tmp_path / DEFAULT_MODEL / "bundle.json").write_text("{}")
+    assert resolve_bundle_path(DEFAULT_MODEL) == Path(DEFAULT_MODEL)
