@@ -82,6 +82,27 @@ def config_to_json(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(data))
 
 
+def config_defaults(config: Any) -> dict[str, Any]:
+    """Dotted key -> declared default (as JSON data) of every field of a possibly nested
+    dataclass config that has one; {} for a mapping. A checkpoint written before a field
+    existed behaved as its default, so `check_config` lets it pass as that."""
+    defaults: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if not dataclasses.is_dataclass(value) or isinstance(value, type):
+            return
+        for f in dataclasses.fields(value):
+            key = f"{prefix}{f.name}"
+            if f.default is not dataclasses.MISSING:
+                defaults[key] = json.loads(json.dumps(config_to_json({"v": f.default})["v"]))
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[key] = config_to_json({"v": f.default_factory()})["v"]
+            walk(getattr(value, f.name), f"{key}.")
+
+    walk(config, "")
+    return defaults
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -136,15 +157,23 @@ def check_config(
     current: Mapping[str, Any],
     *,
     ignore_keys: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
     holder: str,
     what_to_do: str,
 ) -> None:
     """Raises `UserError` when `saved` and `current` differ outside `ignore_keys`.
 
+    A key the checkpoint lacks passes when the current value is its entry in `defaults`
+    (`config_defaults`): a field added to the config since the checkpoint was written.
     The message reads "{holder} holds a checkpoint of a different model: d_model 256
     (checkpoint) vs 512 (config); {what_to_do}".
     """
-    differences = config_differences(saved, current, ignore_keys=ignore_keys)
+    defaults = defaults or {}
+    differences = [
+        (key, before, after)
+        for key, before, after in config_differences(saved, current, ignore_keys=ignore_keys)
+        if not (before is ABSENT and key in defaults and defaults[key] == after)
+    ]
     if differences:
         listed = ", ".join(
             f"{key} {_show(before)} (checkpoint) vs {_show(after)} (config)"
@@ -330,6 +359,7 @@ def _check_config_of(
     current: Mapping[str, Any],
     *,
     ignore_keys: Iterable[str],
+    defaults: Mapping[str, Any] | None = None,
     holder: str,
     what_to_do: str,
 ) -> None:
@@ -339,7 +369,14 @@ def _check_config_of(
             f"checkpoint {step_dir} has no saved config (missing {step_dir / CONFIG_ITEM}); "
             f"it is damaged or was not written by this program: {what_to_do}"
         )
-    check_config(saved, current, ignore_keys=ignore_keys, holder=holder, what_to_do=what_to_do)
+    check_config(
+        saved,
+        current,
+        ignore_keys=ignore_keys,
+        defaults=defaults,
+        holder=holder,
+        what_to_do=what_to_do,
+    )
 
 
 def _restore_full(
@@ -413,6 +450,7 @@ def restore_or_init(
     Raises `UserError` on a config mismatch or an unreadable checkpoint, naming the path.
     """
     current = config_to_json(config)
+    defaults = config_defaults(config)
     ignore_keys = tuple(ignore_keys)
     own_dir = checkpoints_dir(workdir)
     steps = complete_steps(own_dir)
@@ -422,6 +460,7 @@ def restore_or_init(
             step_dir,
             current,
             ignore_keys=ignore_keys,
+            defaults=defaults,
             holder=f"workdir {workdir}",
             what_to_do="use another --workdir or the matching config",
         )
@@ -443,6 +482,7 @@ def restore_or_init(
             step_dir,
             current,
             ignore_keys=ignore_keys,
+            defaults=defaults,
             holder=f"--resume {step_dir}",
             what_to_do="pass a checkpoint of this model or the matching config",
         )
@@ -457,6 +497,7 @@ def restore_or_init(
             step_dir,
             current,
             ignore_keys=ignore_keys,
+            defaults=defaults,
             holder=f"--init {step_dir}",
             what_to_do="pass a checkpoint of this model or the matching config",
         )

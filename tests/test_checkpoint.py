@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -237,6 +238,28 @@ def test_ignored_keys_may_change_between_runs(tmp_path):
         ignore_keys=["total_steps"],
     )
     assert_trees_equal(state, saved[10])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    d_model: int = 16
+    n_layers: int = 2
+    attention: str = "xla"  # a field added after the checkpoint below was written
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    model: _Model = _Model()
+    train: dict = dataclasses.field(default_factory=lambda: dict(CONFIG["train"]))
+
+
+def test_a_field_added_since_the_checkpoint_resumes_only_at_its_default(tmp_path):
+    saved = write_run(tmp_path / "run", [10])  # CONFIG: no "attention" key
+    state, _, _ = restore_or_init(tmp_path / "run", ABSTRACT, config=_Job(), init_fn=fresh_state)
+    assert_trees_equal(state, saved[10])
+    other = _Job(model=_Model(attention="cudnn"))
+    with pytest.raises(UserError, match=r"model.attention absent \(checkpoint\) vs \"cudnn\""):
+        restore_or_init(tmp_path / "run", ABSTRACT, config=other, init_fn=fresh_state)
 
 
 def test_config_differences_rules():
