@@ -83,12 +83,17 @@ def config_to_json(config: Any) -> dict[str, Any]:
 
 
 def config_defaults(config: Any) -> dict[str, Any]:
-    """Dotted key -> declared default (as JSON data) of every field of a possibly nested
-    dataclass config that has one; {} for a mapping. A checkpoint written before a field
-    existed behaved as its default, so `check_config` lets it pass as that."""
+    """Dotted key -> declared default (as JSON data) of every field that has one, in the
+    dataclasses of a config (a dataclass, or a mapping holding some, possibly nested). A
+    checkpoint written before a field existed behaved as its default, so `check_config` lets
+    it pass as that."""
     defaults: dict[str, Any] = {}
 
     def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{prefix}{key}.")
+            return
         if not dataclasses.is_dataclass(value) or isinstance(value, type):
             return
         for f in dataclasses.fields(value):
@@ -430,6 +435,7 @@ def restore_or_init(
     resume: PathLike | None = None,
     init: PathLike | None = None,
     ignore_keys: Iterable[str] = (),
+    defaults: Mapping[str, Any] | None = None,
     weights_key: str = "params",
 ) -> Restored:
     """Loads the starting training state in the resume order; returns `(state, data_state, how)`.
@@ -450,7 +456,8 @@ def restore_or_init(
     Raises `UserError` on a config mismatch or an unreadable checkpoint, naming the path.
     """
     current = config_to_json(config)
-    defaults = config_defaults(config)
+    # Keys a checkpoint may lack (fields added since), with the value it then stands for.
+    defaults = {**config_defaults(config), **(defaults or {})}
     ignore_keys = tuple(ignore_keys)
     own_dir = checkpoints_dir(workdir)
     steps = complete_steps(own_dir)
@@ -621,10 +628,13 @@ class Checkpointer:
         save_interval_steps: int = 1000,
         async_save: bool = True,
         ignore_keys: Iterable[str] = (),
+        defaults: Mapping[str, Any] | None = None,
     ):
         self.workdir = absolute(workdir)
         self.config = config_to_json(config)
         self.ignore_keys = tuple(ignore_keys)
+        # Read before `config` becomes JSON, which keeps no dataclass defaults.
+        self.defaults = {**config_defaults(config), **(defaults or {})}
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # Interval saves plus orbax's preemption save; no forced save of the first step.
@@ -674,6 +684,7 @@ class Checkpointer:
             resume=resume,
             init=init,
             ignore_keys=self.ignore_keys,
+            defaults=self.defaults,
             weights_key=weights_key,
         )
 

@@ -685,6 +685,8 @@ def train_and_evaluate(
         config=job.to_dict(),
         save_interval_steps=job.checkpoint_every,
         ignore_keys=RESUMABLE_KEYS,
+        # A checkpoint from before a config field existed resumes if the field is at its default.
+        defaults=ckpt.config_defaults({"model": job.model, "optim": job.optim}),
     )
     try:
         restored = checkpointer.restore_or_init(

@@ -19,7 +19,9 @@ def test_dry_run_lists_every_step_and_runs_nothing(tmp_path, capsys):
     assert [line.split(":")[0].split("] ")[1] for line in out] == [s.name for s in steps]
     assert "train vqvae --config shapes64" in out[2] and "--steps 2500" in out[2]
     assert "--steps 4500" in out[3]
-    assert out[6].startswith("[7/9] dalle-continued: train dalle") and "--steps 6500" in out[6]
+    assert out[6].startswith("[7/10] dalle-continued: train dalle") and "--steps 6500" in out[6]
+    assert out[7].startswith("[8/10] dalle-continued-2: train dalle") and "--steps 13000" in out[7]
+    assert "--rerank-per-image 16" in out[-1]
     assert f"--out {workdir}/bundle --weights-dtype bfloat16" in out[-1]
     assert not workdir.exists()
 
