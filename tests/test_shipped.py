@@ -78,3 +78,16 @@ def test_a_shipped_name_wins_over_a_folder_of_that_name_that_is_no_bundle(tmp_pa
     # A real bundle folder of that name is still taken as the path it is.
     (tmp_path / DEFAULT_MODEL / "bundle.json").write_text("{}")
     assert resolve_bundle_path(DEFAULT_MODEL) == Path(DEFAULT_MODEL)
+
+
+def test_the_emoji_bundle_draws_a_yellow_face(tmp_path):
+    assert "emoji" in shipped_bundles()
+    args = ["grinning face", "--model", "emoji", "--out", str(tmp_path), "--num-images", "4"]
+    assert main(args) == 0
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())
+    images = np.stack([np.asarray(Image.open(tmp_path / p)) for p in entry["images"]])
+    assert images.shape == (4, 32, 32, 3)
+    # Every emoji style draws this face yellow on white; an untrained model draws noise.
+    r, g, b = (images[..., c].astype(int) for c in range(3))
+    yellow = (r > 180) & (g > 140) & (b < 110)
+    assert (yellow.reshape(4, -1).mean(axis=1) > 0.2).all(), yellow.reshape(4, -1).mean(axis=1)
