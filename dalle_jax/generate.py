@@ -47,7 +47,6 @@ from dalle_jax.sampling import (
 _log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
-# The bundle's sampling-dict key for default reranking: K candidates drawn per image kept.
 
 
 @runtime_checkable

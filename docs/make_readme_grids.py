@@ -168,6 +168,8 @@ def make_grid_files(
         progress=False,
         warn=lambda message: print(f"warning: {message}", file=sys.stderr),
     )
+    # Candidates drawn per prompt when the bundle reranks by default (None: no reranking).
+    rerank = resolve_rerank(bundle, num_images, None)
     png_name, json_name = f"{name}_grid.png", f"{name}_grid.json"
     save_png(out / png_name, grid_image(images, scale))
     record = {
@@ -181,23 +183,16 @@ def make_grid_files(
         "seed": seed,
         "num_images": num_images,
         "settings": resolve_settings(bundle.sampling).to_dict(),
-        # Candidates drawn per prompt when the bundle reranks by default (None: no reranking).
-        "rerank": resolve_rerank(bundle, num_images, None),
+        "rerank": rerank,
         "image_size": image_size,
         "tile_size": image_size * scale,
         "padding": PADDING,
         "layout": "one row per prompt, num_images columns, "
-        + ("the reranker's best first" if rerank_on(bundle, num_images) else "in the order drawn"),
+        + ("the reranker's best first" if rerank else "in the order drawn"),
         "grid": png_name,
     }
     (out / json_name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
-
-
-def rerank_on(bundle: Any, num_images: int) -> bool:
-    from dalle_jax.generate import resolve_rerank
-
-    return resolve_rerank(bundle, num_images, None) is not None
 
 
 def markdown(record: dict[str, Any], png_path: str) -> str:

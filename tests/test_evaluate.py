@@ -249,6 +249,21 @@ def report(bundle, data_dir):
     )
 
 
+def evaluate_test_split(bundle, data_dir, metrics="judge,r_precision,fd", **kwargs):
+    """`evaluate_bundle` on the first 12 prompts of `test`, as `report` draws them."""
+    return ev.evaluate_bundle(
+        bundle,
+        DATASET,
+        ["test"],
+        num_prompts=12,
+        batch_size=8,
+        metrics=metrics,
+        data_dir=data_dir,
+        progress=False,
+        **kwargs,
+    )
+
+
 def test_evaluate_bundle_reports_every_metric_for_each_split(report, bundle):
     assert report["splits"] == ["test", "test_heldout"]
     assert list(report["results"]) == ["test", "test_heldout"]
@@ -276,16 +291,7 @@ def test_without_a_reranker_r_precision_is_absent_and_generation_is_the_same(
     report, bundle, data_dir
 ):
     no_reranker = dataclasses.replace(bundle, reranker=None)
-    again = ev.evaluate_bundle(
-        no_reranker,
-        DATASET,
-        ["test"],
-        num_prompts=12,
-        batch_size=8,
-        metrics="judge,r_precision,fd",
-        data_dir=data_dir,
-        progress=False,
-    )
+    again = evaluate_test_split(no_reranker, data_dir)
     result = again["results"]["test"]
     assert result["r_precision"] is None and result["reranker_fd"] is None
     assert result["absent"] == {"r_precision": ev.NO_RERANKER, "reranker_fd": ev.NO_RERANKER}
@@ -333,16 +339,7 @@ def test_a_rerank_default_reranks_the_judges_images_and_not_r_precisions(
     defaulted = dataclasses.replace(
         bundle, reranker=reranker, sampling={**bundle.sampling, "rerank_per_image": 3}
     )
-    reranked_report = ev.evaluate_bundle(
-        defaulted,
-        DATASET,
-        ["test"],
-        num_prompts=12,
-        batch_size=8,
-        metrics="judge,r_precision,fd",
-        data_dir=data_dir,
-        progress=False,
-    )
+    reranked_report = evaluate_test_split(defaulted, data_dir)
     examples = ev.load_examples(pipeline.open_split(DATASET, "test", data_dir=data_dir), 12, 32)
     drawn = lambda b, rerank: np.stack(  # noqa: E731
         [
@@ -391,17 +388,7 @@ def test_rerank_0_turns_the_default_off_and_an_explicit_one_needs_a_reranker(
         reranker=BrightestFirst(bundle.reranker),
         sampling={**bundle.sampling, "rerank_per_image": 3},
     )
-    off = ev.evaluate_bundle(
-        defaulted,
-        DATASET,
-        ["test"],
-        num_prompts=12,
-        batch_size=8,
-        rerank=0,
-        metrics="judge",
-        data_dir=data_dir,
-        progress=False,
-    )
+    off = evaluate_test_split(defaulted, data_dir, metrics="judge", rerank=0)
     assert off["rerank"] is None and "judge_accuracy_no_rerank" not in off["results"]["test"]
     examples = ev.load_examples(pipeline.open_split(DATASET, "test", data_dir=data_dir), 12, 32)
     plain = generate_images(bundle, examples.captions, num_images=1, batch_size=8, progress=False)
