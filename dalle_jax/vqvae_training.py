@@ -374,6 +374,38 @@ class _Prefix:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _decoder_only_of(step_dir: Any) -> bool:
+    saved = ckpt.read_json_item(step_dir) or {}
+    return bool(saved.get("train", {}).get("train_decoder_only", False))
+
+
+def check_training_phase(
+    train: TrainConfig, workdir: str, *, resume: str | None, init: str | None
+) -> None:
+    """Raises `UserError` unless the run's state matches its phase: a decoder fine-tuning run
+    needs trained weights to start from, and a workdir (or `--resume`) of one phase cannot go on
+    as the other, because the two optimizers hold different state."""
+    decoder_only = train.train_decoder_only
+    latest = ckpt.latest_step_dir(ckpt.checkpoints_dir(workdir))
+    if latest is None and resume is not None:
+        latest = ckpt.find_step_dir(resume, flag="--resume")
+    if latest is None:
+        if decoder_only and init is None:
+            raise UserError(
+                "--train-decoder-only fine-tunes the decoder of a trained vqvae: pass its "
+                "workdir with --init DIR"
+            )
+        return
+    if _decoder_only_of(latest) != decoder_only:
+        held = "a decoder fine-tuning run" if not decoder_only else "a full vqvae training run"
+        fix = (
+            "add --train-decoder-only to continue it"
+            if not decoder_only
+            else "fine-tune the decoder in a new --workdir with --init " + str(latest.parent.parent)
+        )
+        raise UserError(f"{latest} holds {held}, not this one; {fix}")
+
+
 def train_and_evaluate(
     job: VQVAEJob,
     workdir: str,
@@ -396,6 +428,7 @@ def train_and_evaluate(
     """
     if stop_after is not None and stop_after < 1:
         raise UserError(f"stop_after must be at least 1, got {stop_after}")
+    check_training_phase(job.train, workdir, resume=resume, init=init)
     mesh = data_mesh(devices)
     check_batch_divides(job.train.batch_size, mesh)
     per_host_batch = job.train.batch_size // jax.process_count()

@@ -180,3 +180,42 @@ def test_weight_decay_shrinks_kernels_but_not_biases_or_norm_scales():
     assert float(jnp.abs(model.encoder.conv_in.kernel[...]).sum()) < 0.95 * float(kernel)
     np.testing.assert_array_equal(model.encoder.conv_in.bias[...], 1.0)
     np.testing.assert_array_equal(model.encoder.norm_out.scale[...], scale)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_gumbel"])
+def test_decoder_fine_tuning_moves_the_decoder_only_and_keeps_every_id(name, request):
+    # Start from the trained run, as `--train-decoder-only --init DIR` does.
+    trained, _ = request.getfixturevalue("tiny_run" if name == "tiny" else "tiny_gumbel_run")
+    images = synthetic_images()
+    ids_before = np.asarray(nnx.jit(lambda m, x: m.encode_ids(x))(trained, images / 255.0))
+    before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(trained)))
+    mse_before = float(eval_step(trained, images)["psnr"].mean())
+
+    config = dataclasses.replace(get_train_config(name), train_decoder_only=True)
+    model = nnx.clone(trained)
+    optimizer = create_optimizer(model, config)
+    # Adam moments for the decoder's Params only (step counters aside).
+    opt_floats = sum(
+        leaf.size
+        for leaf in jax.tree.leaves(nnx.state(optimizer, nnx.optimizer.OptState))
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    )
+    assert opt_floats == 2 * sum(
+        p.size for p in jax.tree.leaves(nnx.state(model.decoder, nnx.Param))
+    )
+    jitted = nnx.jit(train_step, static_argnames="config")
+    history = [
+        jitted(model, optimizer, images, s, jax.random.key(0), config=config) for s in range(30)
+    ]
+    assert "restarted_codes" not in history[-1]
+    after = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
+    for part in ("encoder", "quantizer"):
+        jax.tree.map(np.testing.assert_array_equal, after[part], before[part])
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), after["decoder"], before["decoder"]
+    )
+    assert all(jax.tree.leaves(changed))
+    ids_after = np.asarray(nnx.jit(lambda m, x: m.encode_ids(x))(model, images / 255.0))
+    np.testing.assert_array_equal(ids_after, ids_before)
+    # Trained on the inference codes, the decoder reconstructs these images better.
+    assert float(eval_step(model, images)["psnr"].mean()) > mse_before + 0.5

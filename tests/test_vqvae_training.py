@@ -190,6 +190,34 @@ def test_training_settings_may_change_on_resume(job, straight_run, tmp_path):
     assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
 
 
+def test_decoder_fine_tuning_starts_from_a_trained_run_and_keeps_its_ids(
+    job, straight_run, data_dir, tmp_path
+):
+    trained_dir = straight_run[0]
+    fine_tune = job.replace(train=dataclasses.replace(job.train, train_decoder_only=True))
+    # Not where the trained run is: its optimizer holds the whole model's state.
+    with pytest.raises(UserError, match="holds a full vqvae training run, not this one; "):
+        vt.train_and_evaluate(fine_tune, str(trained_dir))
+    workdir = tmp_path / "decoder"
+    final = vt.train_and_evaluate(fine_tune, str(workdir), init=str(trained_dir))
+    assert final["codebook_usage"] > 0
+    # A fine-tuning workdir goes on only as one.
+    longer = dataclasses.replace(job.train, total_steps=STEPS + 1)
+    with pytest.raises(UserError, match="add --train-decoder-only to continue it"):
+        vt.train_and_evaluate(job.replace(train=longer), str(workdir))
+
+    split = pipeline.open_split(DATASET, "validation", data_dir=data_dir)
+    loader = pipeline.LoaderConfig.eval(16)
+    batch = next(
+        iter(pipeline.image_text_dataset(split.source, split.normalize, loader, image_size=32))
+    )
+    trained, tuned = vt.load_vqvae(str(trained_dir)), vt.load_vqvae(str(workdir))
+    encode = nnx.jit(lambda model, x: model.encode_ids(x / 255.0))
+    np.testing.assert_array_equal(encode(tuned, batch["images"]), encode(trained, batch["images"]))
+    decode = nnx.jit(lambda model, x: model.decode_ids(model.encode_ids(x / 255.0)))
+    assert not np.allclose(decode(tuned, batch["images"]), decode(trained, batch["images"]))
+
+
 def _checkpoint_steps_all_finite(workdir) -> list[int]:
     steps = ckpt.complete_steps(ckpt.checkpoints_dir(workdir))
     for step in steps:
@@ -268,7 +296,7 @@ def test_help_documents_every_flag(capsys):
     parser = argparse.ArgumentParser()
     vqvae_cmd.add_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 20  # 15 of its own, --folder/--image-size, 3 multi-process
+    assert len(flags) == 21  # 16 of its own, --folder/--image-size, 3 multi-process
     for action in flags:
         assert action.option_strings[0] in out
         assert action.help and len(action.help) > 10, action.option_strings
@@ -285,6 +313,7 @@ def test_help_documents_every_flag(capsys):
         (["--config", "base"], "dataset 'image_folder' needs --folder DIR"),
         (["--folder", "{empty}"], "--folder: image_folder only, but the dataset is 'shapes_world"),
         (["--image-size", "32"], "--image-size: image_folder only"),
+        (["--train-decoder-only"], "fine-tunes the decoder of a trained vqvae: pass its workdir"),
         # The base job reads your folder at 256 px: it says how to prepare it.
         (
             ["--config", "base", "--folder", "{empty}"],

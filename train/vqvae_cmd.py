@@ -95,6 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=no_default("examples of the eval split to evaluate on (0: all of it)"),
     )
+    parser.add_argument(
+        "--train-decoder-only",
+        action="store_true",
+        help=(
+            "fine-tune only the decoder of a trained vqvae (start it with --init DIR in a new "
+            "workdir): the encoder and codebook stay frozen, so every image keeps its ids and "
+            "data encoded with DIR stays valid"
+        ),
+    )
     add_resume_arguments(parser)
     add_distributed_arguments(parser)
 
@@ -111,6 +120,7 @@ def job_from_args(args: argparse.Namespace):
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
+            "train_decoder_only": args.train_decoder_only or None,
         }.items()
         if v is not None
     }

@@ -50,6 +50,11 @@ class TrainConfig:
     # the relaxation. Off in the paper; on, a freshly initialised dVAE learns much faster (with
     # near-uniform logits the relaxed codes are all about the mean embedding).
     gumbel_straight_through: bool = False
+    # Decoder fine-tuning (a second phase, started with `--init` from a trained vqvae): only the
+    # decoder's Params move; the encoder, the codebook and its EMA/restart updates stay frozen,
+    # so every image keeps its ids and a transformer trained on them stays valid. The decoder
+    # no longer chases moving codes, and sees exactly the codes inference will give it.
+    train_decoder_only: bool = False
 
     def __post_init__(self) -> None:
         problems = []

@@ -59,9 +59,19 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
 
 
+# The Params a decoder fine-tuning phase trains (`TrainConfig.train_decoder_only`).
+DECODER_PARAMS = nnx.All(nnx.Param, nnx.PathContains("decoder"))
+
+
+def trained_params(config: TrainConfig) -> nnx.filterlib.Filter:
+    """The filter of the Params `config` trains: all of them, or the decoder's only."""
+    return DECODER_PARAMS if config.train_decoder_only else nnx.Param
+
+
 def create_optimizer(model: VQVAE, config: TrainConfig) -> nnx.Optimizer:
-    """An `nnx.Optimizer` over the model's Params (EMA codebooks and counters are not Params)."""
-    return nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
+    """An `nnx.Optimizer` over the Params the config trains (EMA codebooks and counters are
+    not Params)."""
+    return nnx.Optimizer(model, make_optimizer(config), wrt=trained_params(config))
 
 
 def compute_loss(output: ModelOutput, images, config: TrainConfig, kl_beta):
@@ -106,14 +116,17 @@ def train_step(
     config: TrainConfig,
 ) -> dict[str, jax.Array]:
     """One update, in place: gradient step on the Params, then the quantizer's own update
-    (EMA codebook, unused counters, dead-code restarts).
+    (EMA codebook, unused counters, dead-code restarts). With `config.train_decoder_only`, the
+    gradient step moves the decoder only, the quantizer is not updated, and the decoder is fed
+    the inference codes (hard argmax for Gumbel), so ids stay exactly what they were.
 
     images: float [B, H, W, 3] in [0, 1] (or uint8); step: int (the update's index, drives the
     schedules and the noise); key: the run's PRNG key. Returns float32 [] metrics: loss,
     recon_loss, mse, l1, quantizer_loss, commitment, codebook_loss, kl, kl_weight, temperature,
     psnr, codebook_usage and perplexity (of this batch's ids), grad_norm, learning_rate, and for
-    VQ restarted_codes and dead_codes (plus logit_laplace_nll when weighted). `psnr` is that of
-    the training forward pass (relaxed codes for Gumbel); `eval_step` gives inference PSNR.
+    VQ restarted_codes and dead_codes unless the decoder alone trains (plus logit_laplace_nll
+    when weighted). `psnr` is that of the training forward pass (relaxed codes for Gumbel);
+    `eval_step` gives inference PSNR.
     """
     check_images(model.config, images)
     if config.logit_laplace_weight and not model.config.logit_laplace:
@@ -126,20 +139,25 @@ def train_step(
     temperature = gumbel_temperature(step, config)
     beta = kl_weight(step, config)
     gumbel = model.config.quantizer == "gumbel"
+    decoder_only = config.train_decoder_only
 
     def loss_fn(model: VQVAE):
         output = model(
             images,
-            key=noise_key if gumbel else None,
+            key=noise_key if gumbel and not decoder_only else None,
             temperature=temperature,
             hard=config.gumbel_straight_through,
         )
         loss, terms = compute_loss(output, images, config, beta)
         return loss, (output, terms)
 
-    (loss, (output, terms)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    # Differentiating w.r.t. the trained Params only also prunes the encoder's backward pass.
+    wrt = nnx.DiffState(0, trained_params(config))
+    (loss, (output, terms)), grads = nnx.value_and_grad(loss_fn, argnums=wrt, has_aux=True)(model)
     optimizer.update(model, grads)
-    quantizer_metrics = model.quantizer.update(output.quantizer, restart_key)
+    quantizer_metrics = {}
+    if not decoder_only:
+        quantizer_metrics = model.quantizer.update(output.quantizer, restart_key)
 
     histogram = code_histogram(output.quantizer.ids, model.config.codebook_size)
     metrics = {
