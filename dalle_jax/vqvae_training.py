@@ -117,6 +117,7 @@ JOBS: dict[str, VQVAEJob] = {
     ),
     "shapes64": _job("shapes64", "shapes_world/64"),
     "emoji32": _job("emoji32", "emoji/32"),
+    "emoji32_2048": _job("emoji32_2048", "emoji/32"),
     "base": _job("base", "image_folder/256"),
 }
 

@@ -16,7 +16,13 @@ from train.run_flags import add_distributed_arguments, add_resume_arguments, sta
 
 HELP = "Train the vqvae image tokenizer (stage 1); rerun the same command to resume."
 
-CONFIG_NAMES = ("tiny", "shapes64", "emoji32", "base")  # dalle_jax.vqvae_training.JOBS
+CONFIG_NAMES = (
+    "tiny",
+    "shapes64",
+    "emoji32",
+    "emoji32_2048",
+    "base",
+)  # dalle_jax.vqvae_training.JOBS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
