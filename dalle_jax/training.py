@@ -51,7 +51,7 @@ from dalle_jax.model.config import DalleConfig, get_config
 from dalle_jax.model.loss import cross_entropy
 from dalle_jax.model.transformer import DalleTransformer
 from dalle_jax.progress import Progress
-from dalle_jax.sampling import SamplingSettings, jit_sampler
+from dalle_jax.sampling import RERANK_PER_IMAGE, SamplingSettings, jit_sampler
 from dalle_jax.sharding import (
     DEFAULT_RULES,
     LogicalRules,
@@ -851,8 +851,9 @@ def export_workdir(
 ) -> Path:
     """`train export`: the latest checkpoint of a `train dalle` workdir (or a step folder), the
     vqvae and the tokenizer as one bundle in `out` (see `dalle_jax.bundle`). The sampling
-    defaults are the run's, updated with `sampling` (e.g. settings chosen on validation);
-    provenance records the paths, step, date and last eval metrics.
+    defaults are the run's, updated with `sampling` (e.g. settings chosen on validation; it
+    may also set `rerank_per_image`, the default reranking, which applies once the bundle has a
+    reranker); provenance records the paths, step, date and last eval metrics.
     Every process calls it in a multi-host run; process 0 writes."""
     from dalle_jax.vqvae_training import load_vqvae
 
@@ -883,6 +884,12 @@ def export_workdir(
         "eval_step": extra.get("last_eval_step"),
     }
     out_path = Path(out)
+    sampling = dict(sampling or {})
+    # Not a token-drawing setting (SamplingSettings): how many candidates to rerank.
+    per_image = sampling.pop(RERANK_PER_IMAGE, None)
+    settings = SamplingSettings.from_dict({**(job.get("sampling") or {}), **sampling}).to_dict()
+    if per_image is not None:
+        settings[RERANK_PER_IMAGE] = per_image
     if jax.process_index() == 0:
         export_bundle(
             out_path,
@@ -891,9 +898,7 @@ def export_workdir(
             vqvae_config=vqvae_model.config,
             vqvae_state=nnx.state(vqvae_model),
             tokenizer_bytes=tokenizer_model.to_bytes(),
-            sampling=SamplingSettings.from_dict(
-                {**(job.get("sampling") or {}), **(sampling or {})}
-            ).to_dict(),
+            sampling=settings,
             provenance=provenance,
             weights_dtype=weights_dtype,
             overwrite=overwrite,

@@ -333,12 +333,16 @@ def test_a_rerank_default_is_stored_and_loaded(transformer, vqvae, tokenizer, tm
 @pytest.fixture
 def fake_export(good_bundle, monkeypatch):
     """`train export` without a training run: `export_workdir` copies `good_bundle` to --out
-    and records what it was asked for; `load_reranker` reads nothing."""
+    with the sampling dict it was asked for (as the real one writes it) and records that dict;
+    `load_reranker` reads nothing."""
     calls = []
 
     def export_workdir(workdir, *, out, sampling, **kwargs):
         calls.append(dict(sampling))
         shutil.copytree(good_bundle, out)
+        meta = json.loads((Path(out) / "bundle.json").read_text())
+        meta["sampling"] = {**meta["sampling"], **sampling}
+        (Path(out) / "bundle.json").write_text(json.dumps(meta))
         return Path(out)
 
     monkeypatch.setattr("dalle_jax.training.export_workdir", export_workdir)
@@ -363,8 +367,8 @@ def test_train_export_stores_the_rerank_default_with_the_reranker(
     )
     flags = ["--reranker", "r", "--rerank-per-image", "4", "--temperature", "0.5"]
     assert train_export(tmp_path, *flags) == 0, capsys.readouterr().err
-    # Token settings go through `export_workdir`; the rerank default is added to bundle.json.
-    assert fake_export == [{"temperature": 0.5}]
+    # Every sampling default, reranking's too, goes through `export_workdir`.
+    assert fake_export == [{"temperature": 0.5, "rerank_per_image": 4}]
     assert "reranking 4 candidates per image by default" in capsys.readouterr().out
     loaded = bundle_lib.load_bundle(tmp_path / "bundle")
     assert loaded.sampling["rerank_per_image"] == 4 and loaded.reranker is not None

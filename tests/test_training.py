@@ -399,6 +399,14 @@ def test_export_writes_a_loadable_bundle(straight_run, vqvae_dir, tokenizer_file
     assert main(["export", "--workdir", str(straight_run[0]), "--vqvae", vqvae_dir,
                  "--tokenizer", tokenizer_file, "--out", str(out)]) == 2  # fmt: skip
 
+    # Sampling defaults, the rerank default among them, are written with the bundle.
+    tuned = training.export_workdir(
+        str(straight_run[0]), vqvae=vqvae_dir, tokenizer=tokenizer_file, out=str(tmp_path / "b2"),
+        sampling={"temperature": 0.5, "rerank_per_image": 3},
+    )  # fmt: skip
+    sampling = json.loads((tuned / "bundle.json").read_text())["sampling"]
+    assert sampling["temperature"] == 0.5 and sampling["rerank_per_image"] == 3
+
 
 # ----------------------------------------------------------------------------- CLI
 

@@ -9,9 +9,6 @@ self-describing folder that `sample --model BUNDLE` loads (see `dalle_jax.bundle
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 from dalle_jax.errors import UserError
 from train.data_cmd import no_default
@@ -99,19 +96,6 @@ def check_rerank_per_image(args: argparse.Namespace) -> None:
         )
 
 
-def store_rerank_per_image(bundle_dir: Path, per_image: int) -> None:
-    """Adds `rerank_per_image` to the sampling dict of the bundle's bundle.json (replaced
-    whole, so a reader never sees half a file)."""
-    from dalle_jax.bundle import BUNDLE_JSON, read_bundle_json
-    from dalle_jax.generate import RERANK_PER_IMAGE
-
-    meta = read_bundle_json(bundle_dir)
-    meta["sampling"] = {**(meta.get("sampling") or {}), RERANK_PER_IMAGE: per_image}
-    staged = bundle_dir / f".{BUNDLE_JSON}.tmp"
-    staged.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(staged, bundle_dir / BUNDLE_JSON)
-
-
 def run(args: argparse.Namespace) -> int:
     check_rerank_per_image(args)
     from dalle_jax.training import export_workdir
@@ -125,19 +109,20 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         sampling={
             key: value
-            for key in ("temperature", "top_k", "top_p", "cfg_scale")
+            # The flags' names are the bundle's sampling keys.
+            for key in ("temperature", "top_k", "top_p", "cfg_scale", "rerank_per_image")
             if (value := getattr(args, key)) is not None
         },
     )
     if args.reranker:
+        import jax
+
         from dalle_jax.bundle import add_reranker
         from dalle_jax.reranker_training import load_reranker
 
         reranker, reranker_config = load_reranker(args.reranker)
-        add_reranker(out, reranker_config, reranker)
-    if args.rerank_per_image is not None:
-        # `export_workdir` stores only the token-drawing settings (SamplingSettings).
-        store_rerank_per_image(Path(out), args.rerank_per_image)
+        if jax.process_index() == 0:  # the process that wrote the bundle
+            add_reranker(out, reranker_config, reranker)
     extras = ["with its reranker"] if args.reranker else []
     if args.rerank_per_image is not None and args.rerank_per_image > 1:
         extras.append(f"reranking {args.rerank_per_image} candidates per image by default")
