@@ -146,8 +146,9 @@ def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
             dataset=dataset,
             data_dir=data_dir,
             # Stage 2 ran in three phases, each resumed with a new cosine schedule: 4,000 steps,
-            # then to 6,500, then to 13,000. The sampling defaults (temperature 0.5, guidance
-            # 1.5, the reranker's best of 16 per image) were chosen on the validation split.
+            # then to 6,500, then to 13,000. The reranker trains the small config's 3,000 steps.
+            # The sampling defaults (temperature 0.5, guidance 1.5, the reranker's best of 16 per
+            # image) were chosen on the validation split.
             continued=(("--steps", "6500"), ("--steps", "13000")),
             extra={
                 "export": [
@@ -167,7 +168,7 @@ def emoji(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
     """The `emoji` bundle: emoji at 32 px (Noto, Twemoji, OpenMoji; 8x8 ids of 512 codes)."""
     w, dataset = Path(workdir), "emoji/32"
     data = ["--dataset", dataset, *_data_flags(data_dir)]
-    vqvae = ["vqvae", "--config", "emoji32", "--workdir", str(w / "vqvae"), "--eval-every",
+    vqvae = ["vqvae", "--config", "emoji32_2048", "--workdir", str(w / "vqvae"), "--eval-every",
              "500", "--checkpoint-every", "250", *_data_flags(data_dir)]  # fmt: skip
     return [
         Step("data", ("data", *data)),
@@ -175,10 +176,8 @@ def emoji(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
             "tokenizer",
             ("tokenizer", *data, "--vocab-size", "1000", "--out", str(w / "tokenizer.model")),
         ),  # fmt: skip
-        # Two phases, as the shipped vqvae was trained: the config's 3,000 steps, then resumed
-        # to 6,000 with a new cosine schedule.
+        # One phase: the config's 6,000 steps.
         Step("vqvae", tuple(vqvae)),
-        Step("vqvae-continued", (*vqvae, "--steps", "6000")),
         *_bundle_steps(
             w,
             dalle_config="emoji",
