@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         from dalle_jax.bundle import add_reranker
         from dalle_jax.reranker_training import load_reranker
 
-        reranker, reranker_config = load_reranker(args.reranker)
         if jax.process_index() == 0:  # the process that wrote the bundle
+            reranker, reranker_config = load_reranker(args.reranker)
             add_reranker(out, reranker_config, reranker)
     extras = ["with its reranker"] if args.reranker else []
     if args.rerank_per_image is not None and args.rerank_per_image > 1:

@@ -212,23 +212,6 @@ CONFIGS: dict[str, VQVAEConfig] = {
             ema_decay=0.99,
             restart_unused_steps=100,
         ),
-        # emoji32 with four times the codes (11 bits per 4x4 patch instead of 9): 512 codes were
-        # all in use (perplexity ~430) and the PSNR had levelled off below 24 dB.
-        VQVAEConfig(
-            name="emoji32_2048",
-            image_size=32,
-            downsample_factor=4,
-            base_channels=32,
-            channel_multipliers=(1, 2, 2),
-            num_res_blocks=1,
-            num_groups=8,
-            quantizer="vq",
-            codebook_size=2048,
-            code_dim=16,
-            use_ema=True,
-            ema_decay=0.99,
-            restart_unused_steps=100,
-        ),
         # Accelerators: 256 px -> 32x32 ids over 8192 codes (DALL-E's grid and vocabulary).
         VQVAEConfig(
             name="base",
@@ -262,6 +245,11 @@ CONFIGS: dict[str, VQVAEConfig] = {
         ),
     ]
 }
+# emoji32 with four times the codes (11 bits per 4x4 patch instead of 9): 512 codes were all in
+# use (perplexity ~430) and the PSNR had levelled off below 24 dB.
+CONFIGS["emoji32_2048"] = dataclasses.replace(
+    CONFIGS["emoji32"], name="emoji32_2048", codebook_size=2048
+)
 
 
 def get_config(name: str) -> VQVAEConfig:
