@@ -385,11 +385,26 @@ def same_caption_mask(text_ids: jax.Array) -> jax.Array:
     return jnp.all(text_ids[:, None, :] == text_ids[None, :, :], axis=-1)
 
 
+def negative_allowed_mask(
+    text_ids: jax.Array, negative_ids: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """Which negatives count against which image: bool [B, N].
+
+    text_ids int [B, T] (image i's caption), negative_ids int [N, T], valid bool [N] (False: a
+    placeholder). A swapped caption can be word for word another image's true caption ("a red
+    circle" -> "a blue circle"): it is never a negative of that image.
+    """
+    is_true_caption = jnp.all(text_ids[:, None, :] == negative_ids[None, :, :], axis=-1)
+    return valid[None, :] & ~is_true_caption
+
+
 def info_nce_loss(
     image_emb: jax.Array,
     text_emb: jax.Array,
     scale: jax.Array | float,
     positives: jax.Array | None = None,
+    negative_text_emb: jax.Array | None = None,
+    negative_allowed: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The symmetric InfoNCE (CLIP) loss of a batch of matching pairs.
 
@@ -398,16 +413,33 @@ def info_nce_loss(
     With captions repeated in a batch (shapes_world's "a red circle"), the identical captions
     of image i are all its positives (`same_caption_mask`), rather than negatives it is pushed
     away from; the target is then uniform over them.
+    negative_text_emb: float32 [N, E], extra captions that match no image (hard negatives,
+    `dalle_jax.hard_negatives`), added to the image->text softmax only (as in NegCLIP);
+    negative_allowed: bool [B, N], which of them count against image i (False: ignored, e.g.
+    a placeholder, or a "negative" that is word for word a true caption of image i).
     Returns (loss float32 [], {"loss_image_to_text", "loss_text_to_image", "batch_top1"}), where
-    batch_top1 is the image->text accuracy, counting any positive as right.
+    batch_top1 is the image->text accuracy, counting any positive as right; with N == B
+    negatives (row i made from caption i) also "hard_negative_top1", the fraction of images
+    that score their caption above its negative.
     """
     batch = image_emb.shape[0]
     if positives is None:
         positives = jnp.eye(batch, dtype=bool)
     logits = scale * image_emb.astype(jnp.float32) @ text_emb.astype(jnp.float32).T  # [B, B]
     targets = positives.astype(jnp.float32)
+    image_logits, image_targets = logits, targets
+    if negative_text_emb is not None:
+        extra = scale * image_emb.astype(jnp.float32) @ negative_text_emb.astype(jnp.float32).T
+        if negative_allowed is not None:
+            # A large finite value, not -inf: it meets a zero target, and 0 * -inf is NaN.
+            extra = jnp.where(negative_allowed, extra, -1e9)
+        image_logits = jnp.concatenate([logits, extra], axis=1)  # [B, B + N]
+        image_targets = jnp.concatenate([targets, jnp.zeros_like(extra)], axis=1)
     image_to_text = -jnp.sum(
-        targets / jnp.sum(targets, 1, keepdims=True) * jax.nn.log_softmax(logits, 1), 1
+        image_targets
+        / jnp.sum(image_targets, 1, keepdims=True)
+        * jax.nn.log_softmax(image_logits, 1),
+        1,
     )
     text_to_image = -jnp.sum(
         targets / jnp.sum(targets, 0, keepdims=True) * jax.nn.log_softmax(logits, 0), 0
@@ -415,11 +447,17 @@ def info_nce_loss(
     loss_i2t, loss_t2i = jnp.mean(image_to_text), jnp.mean(text_to_image)
     chosen = jnp.argmax(logits, axis=1)
     batch_top1 = jnp.mean(positives[jnp.arange(batch), chosen].astype(jnp.float32))
-    return 0.5 * (loss_i2t + loss_t2i), {
+    terms = {
         "loss_image_to_text": loss_i2t,
         "loss_text_to_image": loss_t2i,
         "batch_top1": batch_top1,
     }
+    if negative_text_emb is not None and negative_text_emb.shape[0] == batch:
+        # Negative i made from caption i: how often image i prefers its caption to it.
+        counted = jnp.ones(batch) if negative_allowed is None else jnp.diagonal(negative_allowed)
+        wins = (jnp.diagonal(logits) > jnp.diagonal(extra)).astype(jnp.float32)
+        terms["hard_negative_top1"] = jnp.sum(wins * counted) / jnp.maximum(jnp.sum(counted), 1)
+    return 0.5 * (loss_i2t + loss_t2i), terms
 
 
 def pair_scores(model: Reranker, images: jax.Array, text_ids: jax.Array) -> jax.Array:

@@ -42,8 +42,10 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from dalle_jax import checkpoint as ckpt
+from dalle_jax import hard_negatives
 from dalle_jax import reranker as rr
 from dalle_jax.data import pipeline
+from dalle_jax.data.shapes_world import spec as shapes_spec
 from dalle_jax.errors import UserError
 from dalle_jax.metrics import MetricWriter, to_host_scalars
 from dalle_jax.progress import Progress
@@ -52,11 +54,13 @@ from dalle_jax.vqvae_training import (
     check_batch_divides,
     data_mesh,
     global_batch,
+    load_vqvae,
     pad_rows,
     replicated,
     round_up,
     shard_whole_batch,
 )
+from vqvae.train_step import eval_step as vqvae_eval_step
 
 TOKENIZER_FILENAME = "tokenizer.model"
 
@@ -90,8 +94,19 @@ class RerankerTrainConfig:
     # Identical captions in a batch are all positives of each other's images (see
     # `reranker.info_nce_loss`), not negatives.
     same_caption_positives: bool = True
+    # Groups of interchangeable words (colors, shapes, ...): each caption also gets a copy with
+    # one of them swapped, as an extra negative of the image->text loss (NegCLIP; see
+    # `dalle_jax.hard_negatives`). Empty: in-batch negatives only.
+    swap_word_groups: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
+        try:
+            # Lists arrive from JSON; the dataclass is frozen (and hashed: compile caches).
+            object.__setattr__(
+                self, "swap_word_groups", hard_negatives.normalize_groups(self.swap_word_groups)
+            )
+        except ValueError as error:
+            raise UserError(f"invalid reranker training config: {error}") from None
         problems = []
         for field in ("batch_size", "total_steps"):
             if getattr(self, field) < 1:
@@ -114,7 +129,8 @@ class RerankerJob:
     """A reranker training job as data: which model, how to train it, on what.
 
     `image_size` None: the dataset's own image size. `tokenizer` None: the workdir's copy
-    (a resumed run). Both are resolved by `resolve_job` before training.
+    (a resumed run). Both are resolved by `resolve_job` before training. `vqvae`: train on
+    that vqvae's reconstructions of the training images (evaluation stays on the originals).
     """
 
     name: str
@@ -124,6 +140,9 @@ class RerankerJob:
     tokenizer: str | None = None
     image_size: int | None = None
     data_dir: str | None = None
+    # A `train vqvae` workdir: train on its reconstructions of the images (what the reranker
+    # scores at sampling time are vqvae decodes) rather than on the originals.
+    vqvae: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
     log_every: int = 50
@@ -156,11 +175,16 @@ class RerankerJob:
         return dataclasses.replace(self, **changes)
 
 
+# shapes_world's attribute words: a swap gives a caption of another color, shape or size.
+SHAPES_WORLD_SWAPS = (tuple(shapes_spec.COLORS), shapes_spec.SHAPES, shapes_spec.SIZES)
+
 JOBS: dict[str, RerankerJob] = {
     "tiny": RerankerJob(
         name="tiny",
         model=rr.get_config("tiny"),
-        train=RerankerTrainConfig(batch_size=32, total_steps=60, warmup_steps=5),
+        train=RerankerTrainConfig(
+            batch_size=32, total_steps=60, warmup_steps=5, swap_word_groups=SHAPES_WORLD_SWAPS
+        ),
         dataset="shapes_world/tiny32",
         log_every=5,
         eval_every=30,
@@ -270,21 +294,28 @@ def train_step(
     images: jax.Array,
     text_ids: jax.Array,
     step: jax.Array,
+    negatives: tuple[jax.Array, jax.Array] | None = None,
     *,
     config: RerankerTrainConfig,
 ) -> dict[str, jax.Array]:
     """One AdamW update in place on a batch of matching pairs.
 
     images: uint8 [B, S, S, 3]; text_ids: int32 [B, T]; step: int32 [] (for the logged learning
-    rate). Returns float32 [] metrics: loss, loss_image_to_text, loss_text_to_image, batch_top1,
-    logit_scale, grad_norm, learning_rate.
+    rate); negatives: (ids int32 [B, T], valid bool [B]), caption i with a word swapped
+    (`negative_batch`), or None. Returns float32 [] metrics: loss, loss_image_to_text,
+    loss_text_to_image, batch_top1, logit_scale, grad_norm, learning_rate (and
+    hard_negative_top1 with negatives).
     """
     positives = rr.same_caption_mask(text_ids) if config.same_caption_positives else None
+    allowed = None if negatives is None else rr.negative_allowed_mask(text_ids, *negatives)
 
     def loss_fn(model):
         image_emb = rr.embed_images(model, images)
         text_emb = rr.embed_texts(model, text_ids)
-        return rr.info_nce_loss(image_emb, text_emb, rr.logit_scale(model), positives)
+        negative_emb = None if negatives is None else rr.embed_texts(model, negatives[0])
+        return rr.info_nce_loss(
+            image_emb, text_emb, rr.logit_scale(model), positives, negative_emb, allowed
+        )
 
     (loss, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
@@ -338,16 +369,20 @@ def compiled_init(model_config, train_config, mesh: Mesh) -> Callable:
 
 @functools.lru_cache(maxsize=8)
 def compiled_train_step(model_config, train_config, mesh: Mesh) -> Callable:
-    """`step_fn(state, images, text_ids, step) -> (state, metrics)`, jitted once, state donated.
+    """`step_fn(state, images, text_ids, step[, negatives]) -> (state, metrics)`, jitted once,
+    state donated.
 
-    images uint8 [B, S, S, 3] and text_ids int32 [B, T] split over `data`; state and metrics
+    images uint8 [B, S, S, 3], text_ids int32 [B, T] and negatives (`negative_batch`, when the
+    config swaps words) split over `data`; state and metrics
     come back replicated, so every step sees the same shardings (one compile).
     """
     graphdef = train_graphdef(model_config, train_config)
 
-    def step_fn(state, images, text_ids, step):
+    def step_fn(state, images, text_ids, step, negatives=None):
         model, optimizer = nnx.merge(graphdef, state)
-        metrics = train_step(model, optimizer, images, text_ids, step, config=train_config)
+        metrics = train_step(
+            model, optimizer, images, text_ids, step, negatives, config=train_config
+        )
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(replicated(mesh), replicated(mesh)))
@@ -364,6 +399,58 @@ def compiled_embed(model_config: rr.RerankerConfig, mesh: Mesh) -> Callable:
         return rr.embed_images(model, images), rr.embed_texts(model, text_ids)
 
     return jax.jit(fn, out_shardings=replicated(mesh))
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_reconstruct(graphdef: nnx.GraphDef) -> Callable:
+    """`fn(vqvae_state, images uint8 [B, S, S, 3]) -> uint8 [B, S, S, 3]`: decode(encode(x)),
+    rounded back to 8 bits as `sample` renders images."""
+
+    @jax.jit
+    def run(state, images):
+        recon = vqvae_eval_step(nnx.merge(graphdef, state), images)["recon"]
+        return jnp.round(jnp.clip(recon, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+    return run
+
+
+def reconstructor(job: RerankerJob, image_size: int, mesh: Mesh) -> Callable | None:
+    """`images -> the vqvae's reconstructions` for `job.vqvae` on `mesh` (None: no vqvae).
+    UserError when that vqvae works at another image size than the reranker trains at."""
+    if not job.vqvae:
+        return None
+    model = load_vqvae(job.vqvae)
+    if model.config.image_size != image_size:
+        raise UserError(
+            f"--vqvae {job.vqvae!r} works on {model.config.image_size}px images but the "
+            f"reranker trains at {image_size}px; pass --image-size {model.config.image_size} "
+            "or the vqvae of this dataset"
+        )
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, replicated(mesh))
+    run = compiled_reconstruct(graphdef)
+    return functools.partial(run, state)
+
+
+def negative_batch(
+    captions: Sequence[str],
+    tokenizer: TextTokenizer,
+    text_length: int,
+    config: RerankerTrainConfig,
+    step: int,
+    mesh: Mesh,
+) -> tuple[jax.Array, jax.Array] | None:
+    """This process's captions with one word swapped each, as global arrays over `mesh`:
+    (ids int32 [B, T], valid bool [B]); None when the config swaps no words.
+
+    Drawn from a generator seeded by (seed, step, process), so a resumed run repeats them.
+    """
+    if not config.swap_word_groups:
+        return None
+    rng = np.random.default_rng([config.seed, step, jax.process_index()])
+    swapped, valid = hard_negatives.negative_captions(captions, config.swap_word_groups, rng)
+    ids = tokenizer.encode(swapped, text_length)
+    return global_batch(ids, mesh), global_batch(valid, mesh)
 
 
 def fresh_train_state(model_config, train_config, mesh: Mesh) -> nnx.State:
@@ -482,6 +569,7 @@ def train_and_evaluate(
     eval_split = pipeline.open_split(job.dataset, job.eval_split, data_dir=job.data_dir)
     job = resolve_job(job, tokenizer, dataset_image_size(train_split))
     model_config, train_config = job.model, job.train
+    reconstruct = reconstructor(job, model_config.image_size, mesh)
 
     graphdef = train_graphdef(model_config, train_config)
     _, abstract_state = nnx.split(nnx.eval_shape(lambda: _init(model_config, train_config)))
@@ -539,8 +627,15 @@ def train_and_evaluate(
         while step < stop_step:
             batch = next(data_iter)
             images = global_batch(batch["images"], mesh)
+            if reconstruct is not None:
+                images = reconstruct(images)
             text_ids = global_batch(batch["text_ids"], mesh)
-            state, metrics = step_fn(state, images, text_ids, jnp.asarray(step, jnp.int32))
+            negatives = negative_batch(
+                batch["captions"], tokenizer, model_config.text_length, train_config, step, mesh
+            )
+            state, metrics = step_fn(
+                state, images, text_ids, jnp.asarray(step, jnp.int32), negatives
+            )
             step += 1
             progress.update()
             last_step = step == stop_step

@@ -256,6 +256,8 @@ def test_training_raises_retrieval_above_chance(straight_run):
     assert final_eval["top1"] > 2 * chance_top1, final_eval
     assert final_eval["top5"] > 2 * chance_top5, final_eval
     assert final_eval["top1_text"] >= final_eval["top1"]
+    # The tiny job swaps shapes_world's words: its hard negatives are in the loss and logged.
+    assert 0 <= read_metrics(workdir)[STEPS]["hard_negative_top1"] <= 1
     losses = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     assert read_metrics(workdir, "validation")[STEPS]["top1"] == final_eval["top1"]
@@ -319,3 +321,31 @@ def test_the_cli_offers_every_reranker_job():
     from train.reranker_cmd import CONFIG_NAMES
 
     assert set(CONFIG_NAMES) == set(rt.JOBS)
+
+
+def test_training_on_vqvae_reconstructions(job, tmp_path, capsys):
+    from test_training import write_vqvae_workdir
+
+    from vqvae.config import get_config as get_vqvae_config
+
+    # Zero weights decode every image to the same mid-grey (sigmoid(0) -> 128).
+    vqvae_dir = write_vqvae_workdir(tmp_path / "vqvae", get_vqvae_config("tiny"))
+    reconstruct = rt.reconstructor(job.replace(vqvae=vqvae_dir), 32, data_mesh())
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(reconstruct(jnp.asarray(images))), 128)
+    assert rt.reconstructor(job, 32, data_mesh()) is None
+    with pytest.raises(UserError, match="works on 32px images but the reranker trains at 64px"):
+        rt.reconstructor(job.replace(vqvae=vqvae_dir), 64, data_mesh())
+
+    # Through the CLI: the training step sees the reconstructions, so with every image the
+    # same grey no image can pick its own caption (chance is about 1 in 32).
+    argv = ["reranker", "--config", "tiny", "--workdir", str(tmp_path / "w"), "--steps", "10"]
+    argv += ["--data-dir", job.data_dir, "--tokenizer", job.tokenizer, "--vqvae", vqvae_dir]
+    argv += ["--log-every", "5", "--eval-every", "1000", "--eval-examples", "32"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    logged = read_metrics(tmp_path / "w")
+    assert max(logged[step]["batch_top1"] for step in (5, 10)) < 0.25, logged
+    # What the workdir was trained on includes the vqvae: resuming without it is refused.
+    with pytest.raises(UserError, match="vqvae"):
+        rt.train_and_evaluate(job, str(tmp_path / "w"))

@@ -52,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_data_dir_argument(parser)
     parser.add_argument(
+        "--vqvae",
+        default=None,
+        metavar="DIR",
+        help=no_default(
+            "a `train vqvae` workdir: train on its reconstructions of the images, which is "
+            "what the reranker scores at sampling time (evaluation stays on the originals)"
+        ),
+    )
+    parser.add_argument(
         "--image-size",
         type=int,
         default=None,
@@ -88,6 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="S",
         help=no_default("override the seed (weights, data order)"),
+    )
+    parser.add_argument(
+        "--hard-negatives",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=no_default(
+            "add a copy of each caption with one shapes_world color, shape or size word "
+            "swapped, as an extra negative (NegCLIP); default: the config's (tiny: on, small: "
+            "off, it did not raise the shapes judge)"
+        ),
     )
     parser.add_argument(
         "--log-every",
@@ -145,6 +164,10 @@ def job_from_args(args: argparse.Namespace):
         }.items()
         if v is not None
     }
+    if args.hard_negatives is not None:
+        from dalle_jax.reranker_training import SHAPES_WORLD_SWAPS
+
+        train_changes["swap_word_groups"] = SHAPES_WORLD_SWAPS if args.hard_negatives else ()
     if train_changes:
         job = job.replace(train=dataclasses.replace(job.train, **train_changes))
     job_changes = {
@@ -152,6 +175,7 @@ def job_from_args(args: argparse.Namespace):
         for k, v in {
             "dataset": args.dataset,
             "data_dir": args.data_dir,
+            "vqvae": args.vqvae,
             "tokenizer": args.tokenizer,
             "image_size": args.image_size,
             "log_every": args.log_every,
