@@ -5,7 +5,7 @@ BUNDLE/
   bundle.json       {"format": "dalle_jax.bundle.v1", "transformer": DalleConfig dict,
                      "vqvae": VQVAEConfig dict, "reranker": config dict or null,
                      "sampling": {"temperature", "top_k", "top_p", "cfg_scale",
-                                  optional "rerank_per_image"},
+                                  optional "rerank_per_image", "rerank_likelihood_weight"},
                      "provenance": {free-form}}
   tokenizer.model   the sentencepiece model
   transformer/      orbax checkpoint: pure dict of nnx.state(transformer) (Params only)
@@ -40,7 +40,13 @@ from flax import nnx
 from dalle_jax.errors import UserError
 from dalle_jax.model.config import DalleConfig
 from dalle_jax.model.transformer import DalleTransformer
-from dalle_jax.sampling import RERANK_PER_IMAGE, check_rerank_per_image
+from dalle_jax.sampling import (
+    RERANK_KEYS,
+    RERANK_LIKELIHOOD_WEIGHT,
+    RERANK_PER_IMAGE,
+    check_rerank_likelihood_weight,
+    check_rerank_per_image,
+)
 from dalle_jax.tokenizer import TextTokenizer
 from vqvae.config import VQVAEConfig
 from vqvae.errors import VQVAEInputError
@@ -218,12 +224,14 @@ def _build(graphdef: nnx.GraphDef, abstract_state: nnx.State, tree: Mapping[str,
 
 def _check_sampling(sampling: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     sampling = dict(sampling or {})
-    known = {*DEFAULT_SAMPLING, RERANK_PER_IMAGE}  # the last one optional: default reranking
+    known = {*DEFAULT_SAMPLING, *RERANK_KEYS}  # the last ones optional: default reranking
     unknown = sorted(set(sampling) - known)
     if unknown:
         raise UserError(f"{where}: unknown sampling setting(s) {unknown}; known: {sorted(known)}")
     if RERANK_PER_IMAGE in sampling:
         check_rerank_per_image(sampling[RERANK_PER_IMAGE], where)
+    if RERANK_LIKELIHOOD_WEIGHT in sampling:
+        check_rerank_likelihood_weight(sampling[RERANK_LIKELIHOOD_WEIGHT], where)
     return {**DEFAULT_SAMPLING, **sampling}
 
 

@@ -19,6 +19,17 @@ reranking its default: `"rerank_per_image": K` in its sampling dict (bundle.json
 `rerank=None` draws K * N candidates per prompt (`default_rerank`), when the bundle has a
 reranker; `rerank=0` turns reranking off. The key is not a `SamplingSettings` field (those say
 how tokens are drawn and key the compiled sampler): `resolve_settings` leaves it out.
+
+The transformer can help pick: with `likelihood_weight` w > 0 (a bundle's default:
+`"rerank_likelihood_weight"` in its sampling dict) the candidates of a prompt are ranked by
+`z(reranker score) + w * z(log p(ids of the image | prompt))`, each standardised over that
+prompt's candidates (so w does not depend on either score's scale). The log-likelihood is the
+transformer's own, teacher-forced without guidance, on the ids the vqvae reads back from the
+decoded image rather than on the ids drawn: the drawn ids are likely under the model by
+construction, wrong shape or not, while a malformed image reads back as ids the model finds
+unlikely (on the shapes bundle the drawn ids lowered the judge, the read-back ones raised it:
+model card). It costs one vqvae encode and one forward pass per candidate, little beside
+drawing it.
 """
 
 from __future__ import annotations
@@ -38,8 +49,11 @@ from flax import nnx
 
 from dalle_jax.errors import UserError
 from dalle_jax.sampling import (
+    RERANK_KEYS,
+    RERANK_LIKELIHOOD_WEIGHT,
     RERANK_PER_IMAGE,
     SamplingSettings,
+    check_rerank_likelihood_weight,
     check_rerank_per_image,
     jit_sampler,
 )
@@ -86,7 +100,7 @@ def resolve_settings(
         "cfg_scale": cfg_scale,
     }
     # Reranking is about which drawn images are kept, not how tokens are drawn.
-    token_settings = {k: v for k, v in (bundle_sampling or {}).items() if k != RERANK_PER_IMAGE}
+    token_settings = {k: v for k, v in (bundle_sampling or {}).items() if k not in RERANK_KEYS}
     base = SamplingSettings.from_dict(token_settings)
     return base.replace(**{k: v for k, v in given.items() if v is not None})
 
@@ -100,6 +114,63 @@ def default_rerank(bundle: Any, num_images: int) -> int | None:
     if per_image <= 1 or bundle.reranker is None:
         return None
     return per_image * num_images
+
+
+def resolve_likelihood_weight(bundle: Any, likelihood_weight: float | None) -> float:
+    """The weight of the transformer's log-likelihood in reranking: the given one, else the
+    bundle's `rerank_likelihood_weight` (absent: 0). UserError when negative or not finite."""
+    if likelihood_weight is not None:
+        return check_rerank_likelihood_weight(likelihood_weight, "likelihood_weight")
+    path = getattr(bundle, "path", None)
+    where = str(Path(path) / "bundle.json") if path is not None else "bundle"
+    return check_rerank_likelihood_weight(
+        (bundle.sampling or {}).get(RERANK_LIKELIHOOD_WEIGHT), where
+    )
+
+
+def standardized(scores: np.ndarray) -> np.ndarray:
+    """scores float [M] -> (scores - mean) / std; all zeros when they are all equal."""
+    scores = np.asarray(scores, np.float64)
+    spread = scores.std()
+    return np.zeros_like(scores) if spread == 0 else (scores - scores.mean()) / spread
+
+
+def rerank_scores(
+    reranker_scores: np.ndarray, log_likelihoods: np.ndarray | None, likelihood_weight: float
+) -> np.ndarray:
+    """The ranking score of one prompt's M candidates: the reranker's scores float [M], plus
+    (w > 0) w times the standardised log-likelihoods float [M], on the standardised scores."""
+    if likelihood_weight == 0 or log_likelihoods is None:
+        return np.asarray(reranker_scores, np.float64)
+    return standardized(reranker_scores) + likelihood_weight * standardized(log_likelihoods)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_log_likelihood(graphdef: nnx.GraphDef) -> Callable:
+    from dalle_jax.model.loss import cross_entropy  # noqa: PLC0415
+
+    @jax.jit
+    def run(state, text_ids, image_ids):
+        _, image_logits = nnx.merge(graphdef, state)(text_ids, image_ids)
+        return -jnp.sum(cross_entropy(image_logits, image_ids), axis=1)
+
+    return run
+
+
+def image_log_likelihood(
+    transformer: nnx.Module, text_ids: np.ndarray, image_ids: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """log p(image ids | text) under `transformer`, teacher-forced, no guidance: text_ids int32
+    [n, T], image_ids int32 [n, N] -> float64 [n] (nats), in batches of `batch_size` rows
+    (the last one padded: one compile)."""
+    graphdef, state = nnx.split(transformer)
+    run = _compiled_log_likelihood(graphdef)
+    out = []
+    for start in range(0, len(text_ids), batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), len(text_ids) - 1)
+        values = run(state, jnp.asarray(text_ids[index]), jnp.asarray(image_ids[index]))
+        out.append(np.asarray(values, np.float64)[: len(text_ids) - start])
+    return np.concatenate(out)
 
 
 def resolve_rerank(bundle: Any, num_images: int, rerank: int | None) -> int | None:
@@ -211,6 +282,19 @@ def _decoder(vqvae_model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
     return functools.partial(_compiled_decoder(graphdef), state)
 
 
+def _encoder(vqvae_model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """A compiled `images uint8 [B, H, W, 3] -> ids int32 [B, h, w]` for the bundle's vqvae."""
+    graphdef, state = nnx.split(vqvae_model)
+    return functools.partial(_compiled_encoder(graphdef), state)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_encoder(graphdef):
+    from vqvae.model import encode  # noqa: PLC0415 - the leaf package, loaded with the model
+
+    return jax.jit(lambda state, images: encode(nnx.merge(graphdef, state), images))
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled_decoder(graphdef):
     from vqvae.model import decode  # noqa: PLC0415 - the leaf package, loaded with the model
@@ -235,6 +319,7 @@ def generate_images(
     cfg_scale: float | None = None,
     batch_size: int = 8,
     rerank: int | None = None,
+    likelihood_weight: float | None = None,
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> list[list[np.ndarray]]:
@@ -246,7 +331,9 @@ def generate_images(
     keeps the `num_images` the bundle's reranker scores best (UserError without a reranker);
     0 turns reranking off; None (default) is the bundle's default (`default_rerank`: K *
     num_images candidates when its sampling dict sets `rerank_per_image` K and it has a
-    reranker, else none). progress: a bar over batches (on a terminal only).
+    reranker, else none). likelihood_weight: how much the transformer's log-likelihood of a
+    candidate counts in reranking (None: the bundle's `rerank_likelihood_weight`, absent = 0;
+    see the module docstring). progress: a bar over batches (on a terminal only).
     Returns P lists of `num_images` uint8 [H, W, 3] images (reranked: best first).
     """
     check_counts(num_images, rerank, batch_size, seed)
@@ -254,6 +341,7 @@ def generate_images(
         bundle.sampling, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale
     )
     rerank = resolve_rerank(bundle, num_images, rerank)
+    likelihood_weight = resolve_likelihood_weight(bundle, likelihood_weight)
     _check_bundle(bundle)
     config = bundle.transformer.config
     text_ids = encode_prompts(bundle.tokenizer, prompts, config.text_length, warn=warn)
@@ -264,10 +352,10 @@ def generate_images(
     batch = min(batch_size, total)
     num_batches = math.ceil(total / batch)
     sampler = jit_sampler(bundle.transformer, settings)
-    decode = _decoder(bundle.vqvae)
+    decode, encode = _decoder(bundle.vqvae), _encoder(bundle.vqvae)
     base_key = jax.random.key(seed)
 
-    images = []
+    images, drawn_ids = [], []
     with _progress_bar(num_batches, progress) as bar:
         for start in range(0, num_batches * batch, batch):
             # Rows past `total` pad the last batch to the compiled shape; they are dropped.
@@ -276,14 +364,31 @@ def generate_images(
             keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(index))
             ids = sampler(jnp.asarray(rows), keys)
             ids = ids.reshape(batch, config.image_rows, config.image_cols)
-            images.append(np.asarray(decode(ids))[: max(0, total - start)])
+            decoded = decode(ids)
+            images.append(np.asarray(decoded)[: max(0, total - start)])
+            if likelihood_weight > 0 and rerank is not None:
+                # The image as rendered, read back by the vqvae: see `rendered_ids`.
+                drawn_ids.append(np.asarray(encode(decoded))[: max(0, total - start)])
             bar.update()
     candidates = np.concatenate(images).reshape(len(prompts), per_prompt, *images[0].shape[1:])
 
+    log_likelihoods = None
+    if rerank is not None and likelihood_weight > 0:
+        log_likelihoods = image_log_likelihood(
+            bundle.transformer,
+            np.repeat(text_ids, per_prompt, axis=0),
+            np.concatenate(drawn_ids).reshape(total, -1),
+            batch,
+        ).reshape(len(prompts), per_prompt)
     results = []
-    for prompt, drawn in zip(prompts, candidates, strict=True):
+    for p, (prompt, drawn) in enumerate(zip(prompts, candidates, strict=True)):
         if rerank is not None:
-            order = np.argsort(-score(bundle.reranker, drawn, [prompt] * len(drawn)), kind="stable")
+            ranking = rerank_scores(
+                score(bundle.reranker, drawn, [prompt] * len(drawn)),
+                None if log_likelihoods is None else log_likelihoods[p],
+                likelihood_weight,
+            )
+            order = np.argsort(-ranking, kind="stable")
             drawn = drawn[order[:num_images]]
         results.append(list(drawn))
     return results
@@ -306,6 +411,7 @@ def _progress_bar(total: int, enabled: bool) -> Iterator[Any]:
 
 
 __all__ = [
+    "RERANK_LIKELIHOOD_WEIGHT",
     "RERANK_PER_IMAGE",
     "Reranker",
     "check_counts",
@@ -314,6 +420,9 @@ __all__ = [
     "default_rerank",
     "encode_prompts",
     "generate_images",
+    "image_log_likelihood",
+    "rerank_scores",
+    "resolve_likelihood_weight",
     "resolve_rerank",
     "resolve_settings",
     "score",

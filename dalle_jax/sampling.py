@@ -74,6 +74,32 @@ def check_rerank_per_image(value: Any, where: str = "bundle") -> int:
     return int(value)
 
 
+# Also not a SamplingSettings field: how much the transformer's own log-likelihood of each
+# candidate counts beside the reranker's score when candidates are reranked (0 = not at all).
+RERANK_LIKELIHOOD_WEIGHT = "rerank_likelihood_weight"
+# The sampling-dict keys that are about reranking, not about drawing tokens.
+RERANK_KEYS = (RERANK_PER_IMAGE, RERANK_LIKELIHOOD_WEIGHT)
+
+
+def check_rerank_likelihood_weight(value: Any, where: str = "bundle") -> float:
+    """A bundle's `rerank_likelihood_weight` (None = absent) -> w, a finite float >= 0 (0: the
+    reranker alone). Anything else is a one-line UserError naming `where` and the key."""
+    if value is None:
+        return 0.0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not np.isfinite(value)
+        or value < 0
+    ):
+        raise UserError(
+            f"{where}: sampling {RERANK_LIKELIHOOD_WEIGHT!r} must be a number >= 0 (0 = rerank "
+            f"by the reranker alone), got {value!r}; fix it in bundle.json or export again with "
+            "`train export --rerank-likelihood-weight W`"
+        )
+    return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """How tokens are drawn. `top_k` None/0 and `top_p` None/1.0 mean "no filtering";

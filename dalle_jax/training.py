@@ -51,7 +51,7 @@ from dalle_jax.model.config import DalleConfig, get_config
 from dalle_jax.model.loss import cross_entropy
 from dalle_jax.model.transformer import DalleTransformer
 from dalle_jax.progress import Progress
-from dalle_jax.sampling import RERANK_PER_IMAGE, SamplingSettings, jit_sampler
+from dalle_jax.sampling import RERANK_KEYS, SamplingSettings, jit_sampler
 from dalle_jax.sharding import (
     DEFAULT_RULES,
     LogicalRules,
@@ -885,11 +885,11 @@ def export_workdir(
     }
     out_path = Path(out)
     sampling = dict(sampling or {})
-    # Not a token-drawing setting (SamplingSettings): how many candidates to rerank.
-    per_image = sampling.pop(RERANK_PER_IMAGE, None)
+    # Not token-drawing settings (SamplingSettings): how candidates are reranked.
+    rerank = {key: sampling.pop(key, None) for key in RERANK_KEYS}
+    rerank = {key: value for key, value in rerank.items() if value is not None}
     settings = SamplingSettings.from_dict({**(job.get("sampling") or {}), **sampling}).to_dict()
-    if per_image is not None:
-        settings[RERANK_PER_IMAGE] = per_image
+    settings.update(rerank)
     if jax.process_index() == 0:
         export_bundle(
             out_path,

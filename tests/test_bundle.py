@@ -230,6 +230,14 @@ BAD_BUNDLES = {
         lambda b: _edit_json(b / "bundle.json", sampling__rerank_per_image="x"),
         r"bundle\.json: sampling 'rerank_per_image' must be a whole number >= 1 .*got 'x'",
     ),
+    "rerank_likelihood_weight negative": (
+        lambda b: _edit_json(b / "bundle.json", sampling__rerank_likelihood_weight=-1),
+        r"bundle\.json: sampling 'rerank_likelihood_weight' must be a number >= 0 .*got -1",
+    ),
+    "rerank_likelihood_weight not a number": (
+        lambda b: _edit_json(b / "bundle.json", sampling__rerank_likelihood_weight="high"),
+        r"bundle\.json: sampling 'rerank_likelihood_weight' must be a number >= 0 .*got 'high'",
+    ),
     "vqvae grid unlike the transformer's": (
         lambda b: _edit_json(b / "bundle.json", vqvae__image_size=64),
         r"the transformer's image grid is \(8, 8\) but the vqvae's is \(16, 16\)",
@@ -366,9 +374,12 @@ def test_train_export_stores_the_rerank_default_with_the_reranker(
         "dalle_jax.reranker_training.load_reranker", lambda workdir: (nnx.state(reranker), config)
     )
     flags = ["--reranker", "r", "--rerank-per-image", "4", "--temperature", "0.5"]
+    flags += ["--rerank-likelihood-weight", "0.25"]
     assert train_export(tmp_path, *flags) == 0, capsys.readouterr().err
     # Every sampling default, reranking's too, goes through `export_workdir`.
-    assert fake_export == [{"temperature": 0.5, "rerank_per_image": 4}]
+    assert fake_export == [
+        {"temperature": 0.5, "rerank_per_image": 4, "rerank_likelihood_weight": 0.25}
+    ]
     assert "reranking 4 candidates per image by default" in capsys.readouterr().out
     loaded = bundle_lib.load_bundle(tmp_path / "bundle")
     assert loaded.sampling["rerank_per_image"] == 4 and loaded.reranker is not None
@@ -381,6 +392,8 @@ def test_train_export_stores_the_rerank_default_with_the_reranker(
     [
         (["--rerank-per-image", "4"], "--rerank-per-image 4 needs a reranker in the bundle"),
         (["--rerank-per-image", "0", "--reranker", "r"], "--rerank-per-image must be at least 1"),
+        (["--rerank-likelihood-weight", "-0.5"], "must be a number >= 0"),
+        (["--rerank-likelihood-weight", "nan"], "must be a number >= 0"),
     ],
 )
 def test_train_export_rerank_default_errors_are_one_line(

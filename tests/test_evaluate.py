@@ -369,6 +369,7 @@ def test_a_rerank_default_reranks_the_judges_images_and_not_r_precisions(
     # Recorded in the JSON and said in the table; without reranking nothing is doubled.
     saved = json.loads(ev.write_report(reranked_report, tmp_path).read_text())
     assert saved["rerank"] == 3 and "judge_accuracy_no_rerank" in saved["results"]["test"]
+    assert saved["rerank_likelihood_weight"] == 0.0  # the bundle sets none
     assert report["rerank"] is None and "judge_accuracy_no_rerank" not in before
     table = ev.format_table(reranked_report)
     assert (
@@ -378,6 +379,28 @@ def test_a_rerank_default_reranks_the_judges_images_and_not_r_precisions(
     assert any(line.startswith("shapes judge without reranking") for line in table.splitlines())
     assert table.count("generated images:") == 1
     assert "generated images: one per prompt, no reranking" in ev.format_table(report)
+
+
+def test_the_judge_scores_the_pick_the_likelihood_weight_makes(bundle, data_dir, spies, tmp_path):
+    weighted = dataclasses.replace(
+        bundle,
+        reranker=BrightestFirst(bundle.reranker),
+        sampling={**bundle.sampling, "rerank_per_image": 3, "rerank_likelihood_weight": 2.0},
+    )
+    report = evaluate_test_split(weighted, data_dir, metrics="judge")
+    examples = ev.load_examples(pipeline.open_split(DATASET, "test", data_dir=data_dir), 12, 32)
+    picked = generate_images(
+        weighted, examples.captions, num_images=1, rerank=3, batch_size=8, progress=False
+    )
+    brightest = generate_images(
+        weighted, examples.captions, num_images=1, rerank=3, batch_size=8, progress=False,
+        likelihood_weight=0,
+    )  # fmt: skip
+    (judged,) = spies["judge"]
+    np.testing.assert_array_equal(judged, np.stack([d[0] for d in picked]))
+    assert (judged != np.stack([d[0] for d in brightest])).any()  # the weight changed picks
+    assert report["rerank_likelihood_weight"] == 2.0
+    assert "(with the transformer's likelihood, weight 2)" in ev.format_table(report)
 
 
 def test_rerank_0_turns_the_default_off_and_an_explicit_one_needs_a_reranker(

@@ -21,7 +21,7 @@ def test_dry_run_lists_every_step_and_runs_nothing(tmp_path, capsys):
     assert "--steps 4500" in out[3]
     assert out[6].startswith("[7/10] dalle-continued: train dalle") and "--steps 6500" in out[6]
     assert out[7].startswith("[8/10] dalle-continued-2: train dalle") and "--steps 13000" in out[7]
-    assert "--rerank-per-image 16" in out[-1]
+    assert "--rerank-per-image 16 --rerank-likelihood-weight 0.25" in out[-1]
     assert f"--out {workdir}/bundle --weights-dtype bfloat16" in out[-1]
     assert not workdir.exists()
 
@@ -37,6 +37,7 @@ def test_tiny_recipe_makes_a_bundle_with_reranker_and_resumes_by_skipping(tmp_pa
     assert bundle.meta["weights_dtype"] == "bfloat16"
     assert bundle.reranker is not None
     assert bundle.sampling["cfg_scale"] == 2.0  # the recipe's export flag over the run's 1.0
+    assert bundle.sampling["rerank_likelihood_weight"] == 0.5  # through the real export
     assert bundle.transformer.config.text_vocab_size == bundle.tokenizer.vocab_size
     state = json.loads((workdir / STATE_FILE).read_text())
     assert state["recipe"] == "tiny"

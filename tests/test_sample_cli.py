@@ -495,3 +495,62 @@ def test_cli_in_a_fresh_process_help_and_error_without_traceback():
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
     assert len(completed.stderr.strip().splitlines()) == 1
+
+
+# ---- reranking with the transformer's likelihood ----------------------------------------------
+class ConstantReranker:
+    """A reranker with no opinion: every candidate scores the same."""
+
+    def score(self, images, prompts):
+        return np.zeros(len(images))
+
+
+def test_rerank_scores_standardise_and_weight_the_likelihood():
+    from dalle_jax.generate import rerank_scores
+
+    reranker = np.array([0.30, 0.31, 0.29, 0.30])  # cosines: tiny spread
+    log_likelihood = np.array([-120.0, -160.0, -100.0, -130.0])  # nats: large spread
+    assert np.argmax(rerank_scores(reranker, log_likelihood, 0.0)) == 1  # the reranker alone
+    assert np.argmax(rerank_scores(reranker, log_likelihood, 0.25)) == 1  # a small nudge
+    assert np.argmax(rerank_scores(reranker, log_likelihood, 4.0)) == 2  # the likelihood rules
+    # Equal scores standardise to zeros, not NaN: the other score decides alone.
+    flat = rerank_scores(np.zeros(4), log_likelihood, 1.0)
+    assert np.all(np.isfinite(flat)) and np.argmax(flat) == 2
+
+
+def test_a_likelihood_weight_keeps_the_candidate_the_transformer_finds_likeliest(bundle):
+    from dalle_jax.evaluation.evaluate import reconstruct, token_nll
+    from dalle_jax.generate import resolve_likelihood_weight
+
+    prompts = ["a red circle", "a green star"]
+    undecided = dataclasses.replace(bundle, reranker=ConstantReranker())
+    kept = generate_images(
+        undecided, prompts, num_images=1, rerank=6, likelihood_weight=1.0, seed=2,
+        batch_size=4, progress=False,
+    )  # fmt: skip
+    candidates = as_array(generate_images(bundle, prompts, num_images=6, seed=2, progress=False))
+    config = bundle.transformer.config
+    for p, prompt in enumerate(prompts):
+        # Scored by evaluation's own code: the ids the vqvae reads back, teacher-forced NLL.
+        ids = reconstruct(bundle.vqvae, candidates[p], batch_size=6)["ids"].reshape(6, -1)
+        text = np.repeat(bundle.tokenizer.encode([prompt], config.text_length), 6, axis=0)
+        _, nll = token_nll(bundle.transformer, text, ids, batch_size=6)
+        np.testing.assert_array_equal(kept[p][0], candidates[p][np.argmin(nll)])
+    # Without the weight the constant reranker keeps the first candidate (a stable sort).
+    first = generate_images(
+        undecided, prompts, num_images=1, rerank=6, seed=2, batch_size=4, progress=False
+    )
+    for p in range(2):
+        np.testing.assert_array_equal(first[p][0], candidates[p][0])
+
+    # The weight defaults to the bundle's; an explicit one wins; a bad one is a UserError.
+    weighted = dataclasses.replace(
+        undecided, sampling={**bundle.sampling, "rerank_likelihood_weight": 1.0}
+    )
+    assert resolve_likelihood_weight(weighted, None) == 1.0
+    assert resolve_likelihood_weight(weighted, 0) == 0.0
+    assert resolve_likelihood_weight(bundle, None) == 0.0
+    by_default = generate_images(weighted, prompts, num_images=1, rerank=6, seed=2, progress=False)
+    np.testing.assert_array_equal(as_array(by_default), as_array(kept))
+    with pytest.raises(UserError, match="must be a number >= 0"):
+        generate_images(weighted, prompts, rerank=6, likelihood_weight=-1.0, progress=False)

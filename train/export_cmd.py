@@ -77,6 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "off when sampling)"
         ),
     )
+    defaults.add_argument(
+        "--rerank-likelihood-weight",
+        type=float,
+        metavar="W",
+        help=no_default(
+            "when reranking, rank candidates by the standardised reranker score plus W times "
+            "the standardised log-likelihood the transformer gives them (0 = the reranker "
+            "alone; the shapes bundle uses 0.25)"
+        ),
+    )
 
 
 def check_rerank_per_image(args: argparse.Namespace) -> None:
@@ -96,8 +106,17 @@ def check_rerank_per_image(args: argparse.Namespace) -> None:
         )
 
 
+def check_rerank_likelihood_weight(args: argparse.Namespace) -> None:
+    """--rerank-likelihood-weight: a finite number >= 0; UserError otherwise."""
+    from dalle_jax.sampling import check_rerank_likelihood_weight as check
+
+    if args.rerank_likelihood_weight is not None:
+        check(args.rerank_likelihood_weight, "--rerank-likelihood-weight")
+
+
 def run(args: argparse.Namespace) -> int:
     check_rerank_per_image(args)
+    check_rerank_likelihood_weight(args)
     from dalle_jax.training import export_workdir
 
     out = export_workdir(
@@ -110,7 +129,14 @@ def run(args: argparse.Namespace) -> int:
         sampling={
             key: value
             # The flags' names are the bundle's sampling keys.
-            for key in ("temperature", "top_k", "top_p", "cfg_scale", "rerank_per_image")
+            for key in (
+                "temperature",
+                "top_k",
+                "top_p",
+                "cfg_scale",
+                "rerank_per_image",
+                "rerank_likelihood_weight",
+            )
             if (value := getattr(args, key)) is not None
         },
     )

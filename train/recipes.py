@@ -147,8 +147,9 @@ def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
             data_dir=data_dir,
             # Stage 2 ran in three phases, each resumed with a new cosine schedule: 4,000 steps,
             # then to 6,500, then to 13,000. The reranker trains the small config's 3,000 steps.
-            # The sampling defaults (temperature 0.5, guidance 1.5, the reranker's best of 16 per
-            # image) were chosen on the validation split.
+            # The sampling defaults (temperature 0.5, guidance 1.5, the best of 16 per image by
+            # the reranker and, weighted 0.25, the transformer's likelihood) were chosen on the
+            # validation split.
             continued=(("--steps", "6500"), ("--steps", "13000")),
             extra={
                 "export": [
@@ -158,6 +159,8 @@ def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
                     "1.5",
                     "--rerank-per-image",
                     "16",
+                    "--rerank-likelihood-weight",
+                    "0.25",
                 ]
             },  # fmt: skip
         ),
@@ -235,7 +238,7 @@ def tiny(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
                 "encode": ["--text-length", "16"],
                 "dalle": ["--steps", "6"],
                 "reranker": ["--steps", "6"],
-                "export": ["--cfg-scale", "2"],
+                "export": ["--cfg-scale", "2", "--rerank-likelihood-weight", "0.5"],
             },  # fmt: skip
         ),
     ]

@@ -595,10 +595,15 @@ def evaluate_split(
     return result
 
 
-def images_note(rerank: int | None, groups: Sequence[str] = GENERATED_GROUPS) -> str:
+def images_note(
+    rerank: int | None,
+    groups: Sequence[str] = GENERATED_GROUPS,
+    likelihood_weight: float | None = None,
+) -> str:
     """Which generated images each requested metric used, e.g. "judge: the reranker's best of
     16 per prompt; R-precision, FD, judge without reranking: one image per prompt, no
-    reranking"."""
+    reranking". A likelihood weight w > 0 adds "(with the transformer's likelihood, weight
+    w)" to the reranker's pick."""
     if not rerank:
         return "one per prompt, no reranking"
     plain = [
@@ -606,7 +611,10 @@ def images_note(rerank: int | None, groups: Sequence[str] = GENERATED_GROUPS) ->
     ]
     parts = []
     if "judge" in groups:
-        parts.append(f"judge: the reranker's best of {rerank} per prompt")
+        pick = f"judge: the reranker's best of {rerank} per prompt"
+        if likelihood_weight:
+            pick += f" (with the transformer's likelihood, weight {likelihood_weight:g})"
+        parts.append(pick)
         if plain:
             plain.append("judge without reranking")
     if plain:
@@ -660,6 +668,7 @@ def evaluate_bundle(
     from dalle_jax.data import pipeline  # noqa: PLC0415
     from dalle_jax.generate import (  # noqa: PLC0415
         check_counts,
+        resolve_likelihood_weight,
         resolve_rerank,
         resolve_settings,
     )
@@ -677,6 +686,7 @@ def evaluate_bundle(
     generates = any(g in groups for g in GENERATED_GROUPS)
     # Candidates per prompt for the judge (None: off); only generated images are reranked.
     candidates = resolve_rerank(bundle, 1, rerank) if generates else None
+    likelihood_weight = resolve_likelihood_weight(bundle, None) if candidates else None
     image_size = bundle.vqvae.config.image_size
 
     # Every split is opened and read before any model runs: a bad one fails in seconds.
@@ -711,7 +721,7 @@ def evaluate_bundle(
     if "fd" in groups and any(r.get("reranker_fd") is not None for r in results.values()):
         notes.append(FD_NOTE)
     if generates:
-        notes.append(f"generated images: {images_note(candidates, groups)}")
+        notes.append(f"generated images: {images_note(candidates, groups, likelihood_weight)}")
     path = getattr(bundle, "path", None)
     meta = getattr(bundle, "meta", None) or {}
     return {
@@ -726,6 +736,7 @@ def evaluate_bundle(
         "batch_size": batch_size,
         "settings": settings.to_dict(),
         "rerank": candidates,
+        "rerank_likelihood_weight": likelihood_weight,
         "metric_groups": list(groups),
         "results": results,
         "notes": notes,
@@ -784,7 +795,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     groups = report.get("metric_groups", GENERATED_GROUPS)
     if any(g in groups for g in GENERATED_GROUPS):
-        lines.append(f"generated images: {images_note(report.get('rerank'), groups)}")
+        note = images_note(report.get("rerank"), groups, report.get("rerank_likelihood_weight"))
+        lines.append(f"generated images: {note}")
     lines.append("")
     label_width = max(len(label) for _, label, _ in TABLE_ROWS)
     widths = [max(len(s), 8) for s in splits]
