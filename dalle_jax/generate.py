@@ -146,13 +146,19 @@ def rerank_scores(
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_log_likelihood(graphdef: nnx.GraphDef) -> Callable:
+def compiled_token_nll(graphdef: nnx.GraphDef) -> Callable:
+    """`fn(state, text_ids int32 [B, T], image_ids int32 [B, N]) -> (text_nll float32 [B],
+    image_nll float32 [B])`: each example's summed nats, no dropout, captions as given (also
+    evaluation's loss pass)."""
     from dalle_jax.model.loss import cross_entropy  # noqa: PLC0415
 
     @jax.jit
     def run(state, text_ids, image_ids):
-        _, image_logits = nnx.merge(graphdef, state)(text_ids, image_ids)
-        return -jnp.sum(cross_entropy(image_logits, image_ids), axis=1)
+        text_logits, image_logits = nnx.merge(graphdef, state)(text_ids, image_ids)
+        return (
+            jnp.sum(cross_entropy(text_logits, text_ids), axis=1),
+            jnp.sum(cross_entropy(image_logits, image_ids), axis=1),
+        )
 
     return run
 
@@ -164,12 +170,12 @@ def image_log_likelihood(
     [n, T], image_ids int32 [n, N] -> float64 [n] (nats), in batches of `batch_size` rows
     (the last one padded: one compile)."""
     graphdef, state = nnx.split(transformer)
-    run = _compiled_log_likelihood(graphdef)
+    run = compiled_token_nll(graphdef)
     out = []
     for start in range(0, len(text_ids), batch_size):
         index = np.minimum(np.arange(start, start + batch_size), len(text_ids) - 1)
-        values = run(state, jnp.asarray(text_ids[index]), jnp.asarray(image_ids[index]))
-        out.append(np.asarray(values, np.float64)[: len(text_ids) - start])
+        _, image_nll = run(state, jnp.asarray(text_ids[index]), jnp.asarray(image_ids[index]))
+        out.append(-np.asarray(image_nll, np.float64)[: len(text_ids) - start])
     return np.concatenate(out)
 
 
@@ -297,12 +303,12 @@ def _compiled_encoder(graphdef):
 
 @functools.lru_cache(maxsize=4)
 def _compiled_decoder(graphdef):
-    from vqvae.model import decode  # noqa: PLC0415 - the leaf package, loaded with the model
+    from vqvae.model import decode, to_uint8  # noqa: PLC0415 - the leaf package, with the model
 
     @jax.jit
     def run(state, ids):
         images = decode(nnx.merge(graphdef, state), ids)  # float32 in [0, 1]
-        return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+        return to_uint8(images)
 
     return run
 
@@ -417,6 +423,7 @@ __all__ = [
     "check_counts",
     "check_prompts",
     "check_rerank_per_image",
+    "compiled_token_nll",
     "default_rerank",
     "encode_prompts",
     "generate_images",

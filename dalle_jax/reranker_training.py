@@ -60,6 +60,7 @@ from dalle_jax.vqvae_training import (
     round_up,
     shard_whole_batch,
 )
+from vqvae.model import to_uint8
 from vqvae.train_step import eval_step as vqvae_eval_step
 
 TOKENIZER_FILENAME = "tokenizer.model"
@@ -409,7 +410,7 @@ def compiled_reconstruct(graphdef: nnx.GraphDef) -> Callable:
     @jax.jit
     def run(state, images):
         recon = vqvae_eval_step(nnx.merge(graphdef, state), images)["recon"]
-        return jnp.round(jnp.clip(recon, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+        return to_uint8(recon)
 
     return run
 

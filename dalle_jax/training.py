@@ -460,12 +460,12 @@ def compiled_eval_step(config: DalleConfig, mesh: Mesh, rules: LogicalRules) -> 
 @functools.lru_cache(maxsize=4)
 def compiled_vqvae_decode(vqvae_graphdef: nnx.GraphDef) -> Callable:
     """`fn(vqvae_state, ids int32 [B, h, w]) -> images uint8 [B, H, W, 3]`."""
-    from vqvae.model import decode
+    from vqvae.model import decode, to_uint8
 
     @jax.jit
     def fn(state, ids):
         images = decode(nnx.merge(vqvae_graphdef, state), ids)
-        return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+        return to_uint8(images)
 
     return fn
 

@@ -188,7 +188,7 @@ def make_grid_files(
         "tile_size": image_size * scale,
         "padding": PADDING,
         "layout": "one row per prompt, num_images columns, "
-        + ("the reranker's best first" if rerank else "in the order drawn"),
+        + ("the best first by the bundle's reranking" if rerank else "in the order drawn"),
         "grid": png_name,
     }
     (out / json_name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -204,7 +204,7 @@ def markdown(record: dict[str, Any], png_path: str) -> str:
         f"Rows, top to bottom ({record['num_images']} images each, seed {record['seed']}, "
         "the bundle's default sampling settings"
         + (
-            f" (the reranker's best {record['num_images']} of {record['rerank']})"
+            f" (the best {record['num_images']} of {record['rerank']} by its reranking)"
             if record.get("rerank")
             else ""
         )

@@ -126,6 +126,12 @@ def to_unit_range(images):
     return images.astype(jnp.float32)
 
 
+def to_uint8(images) -> jax.Array:
+    """float [..] in [0, 1] (clipped) -> uint8 [..] in [0, 255], rounded: how decoded images are
+    rendered, the inverse of `to_unit_range`."""
+    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
 def encode(model: VQVAE, images) -> jax.Array:
     """images uint8 [B, H, W, 3] (0..255) or float [B, H, W, 3] (0..1) -> ids int32 [B, h, w]."""
     check_images(model.config, images)

@@ -320,32 +320,16 @@ def _finite(value: float) -> float | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_nll(graphdef: nnx.GraphDef) -> Callable:
-    """`fn(state, text_ids int32 [B, T], image_ids int32 [B, N]) -> (text_nll float32 [B],
-    image_nll float32 [B])`: each example's summed nats, no dropout, captions as given."""
-    from dalle_jax.model.loss import cross_entropy  # noqa: PLC0415
-
-    @jax.jit
-    def run(state, text_ids, image_ids):
-        text_logits, image_logits = nnx.merge(graphdef, state)(text_ids, image_ids)
-        return (
-            jnp.sum(cross_entropy(text_logits, text_ids), axis=1),
-            jnp.sum(cross_entropy(image_logits, image_ids), axis=1),
-        )
-
-    return run
-
-
-@functools.lru_cache(maxsize=4)
 def _compiled_reconstruct(graphdef: nnx.GraphDef) -> Callable:
     """`fn(state, images uint8 [B, S, S, 3]) -> {"ids": int32 [B, h, w], "recon": uint8
     [B, S, S, 3], "psnr": float32 [B]}` (PSNR of the float reconstruction, as in training)."""
+    from vqvae.model import to_uint8  # noqa: PLC0415
     from vqvae.train_step import eval_step  # noqa: PLC0415
 
     @jax.jit
     def run(state, images):
         out = eval_step(nnx.merge(graphdef, state), images)
-        recon = jnp.round(jnp.clip(out["recon"], 0.0, 1.0) * 255.0).astype(jnp.uint8)
+        recon = to_uint8(out["recon"])
         return {"ids": out["ids"], "recon": recon, "psnr": out["psnr"]}
 
     return run
@@ -397,10 +381,11 @@ def token_nll(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed nats per example: text_ids int32 [n, T], image_ids int32 [n, N] ->
     (text_nll float64 [n], image_nll float64 [n]); teacher-forced, no dropout."""
+    from dalle_jax.generate import compiled_token_nll  # noqa: PLC0415
     from dalle_jax.loop_utils import pad_rows  # noqa: PLC0415
 
     graphdef, state = nnx.split(transformer)
-    run = _compiled_nll(graphdef)
+    run = compiled_token_nll(graphdef)
     text_parts, image_parts = [], []
     batch = min(batch_size, len(text_ids))
     spans = _batches(len(text_ids), batch)
