@@ -75,6 +75,9 @@ RESUMABLE_KEYS = (
     "job.eval_group",
     "job.data_dir",
     "job.tokenizer",  # the path; the tokenizer's identity is the model's tokenizer_sha256
+    # Where the dataset is read from (image_folder's folder), like data_dir; absent from the
+    # configs of checkpoints written before it existed.
+    "job.builder_kwargs",
 )
 
 
@@ -144,6 +147,9 @@ class RerankerJob:
     # A `train vqvae` workdir: train on its reconstructions of the images (what the reranker
     # scores at sampling time are vqvae decodes) rather than on the originals.
     vqvae: str | None = None
+    # The dataset builder's keyword arguments, e.g. (("folder", "/my/pictures"),
+    # ("image_size", 64)) for image_folder (`train reranker --folder DIR --image-size S`).
+    builder_kwargs: tuple[tuple[str, Any], ...] = ()
     train_split: str = "train"
     eval_split: str = "validation"
     log_every: int = 50
@@ -168,7 +174,9 @@ class RerankerJob:
             "model": self.model.to_dict(),
             "train": dataclasses.asdict(self.train),
             "job": {
-                k: v for k, v in dataclasses.asdict(self).items() if k not in ("model", "train")
+                k: dict(v) if k == "builder_kwargs" else v
+                for k, v in dataclasses.asdict(self).items()
+                if k not in ("model", "train")
             },
         }
 
@@ -566,8 +574,10 @@ def train_and_evaluate(
     check_batch_divides(job.train.batch_size, mesh)
     per_host_batch = job.train.batch_size // jax.process_count()
     tokenizer, tokenizer_path = tokenizer_for(job, workdir)
-    train_split = pipeline.open_split(job.dataset, job.train_split, data_dir=job.data_dir)
-    eval_split = pipeline.open_split(job.dataset, job.eval_split, data_dir=job.data_dir)
+    train_split, eval_split = (
+        pipeline.open_split(job.dataset, name, data_dir=job.data_dir, **dict(job.builder_kwargs))
+        for name in (job.train_split, job.eval_split)
+    )
     job = resolve_job(job, tokenizer, dataset_image_size(train_split))
     model_config, train_config = job.model, job.train
     reconstruct = reconstructor(job, model_config.image_size, mesh)

@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         "~/tensorflow_datasets)",
     )
     parser.add_argument(
+        "--folder",
+        metavar="DIR",
+        default=None,
+        help="image_folder only: the folder of your images and their captions, as given to "
+        "`train data --dataset image_folder`",
+    )
+    parser.add_argument(
+        "--image-size",
+        metavar="S",
+        type=int,
+        default=None,
+        help="image_folder only: the side it was prepared at (default: the builder's, 64)",
+    )
+    parser.add_argument(
         "--metrics",
         metavar="GROUPS",
         default="all",
@@ -114,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_flags(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
-    """Everything that can be checked before loading anything: (splits, metric groups)."""
+def check_flags(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...], dict]:
+    """Everything that can be checked before loading anything: (splits, metric groups, the
+    dataset builder's keyword arguments)."""
     from dalle_jax.data import registry  # noqa: PLC0415
     from dalle_jax.evaluation.evaluate import (  # noqa: PLC0415
         check_num_prompts,
@@ -139,7 +154,22 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...]]:
     if not args.dataset.strip():
         raise UserError("--dataset is empty; name a prepared dataset, e.g. shapes_world/64")
     registry.spec(args.dataset.strip())  # an unknown name fails before the bundle loads
-    return splits, groups
+    return splits, groups, folder_builder_kwargs(args)
+
+
+def folder_builder_kwargs(args: argparse.Namespace) -> dict:
+    """`--folder`/`--image-size` as the image_folder builder's keyword arguments."""
+    from dalle_jax.data import registry  # noqa: PLC0415
+
+    given = {"folder": args.folder, "image_size": args.image_size}
+    kwargs = {key: value for key, value in given.items() if value is not None}
+    if registry.split_name(args.dataset.strip())[0] != "image_folder":
+        if kwargs:
+            flags = ", ".join("--" + key.replace("_", "-") for key in kwargs)
+            raise UserError(f"{flags}: image_folder only, but the dataset is {args.dataset!r}")
+    elif "folder" not in kwargs:
+        raise UserError("dataset 'image_folder' needs --folder DIR (the folder of your images)")
+    return kwargs
 
 
 def _warn(message: str) -> None:
@@ -148,7 +178,7 @@ def _warn(message: str) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    splits, groups = check_flags(args)
+    splits, groups, builder_kwargs = check_flags(args)
     from sample.cli import load_bundle, prepare_out_dir  # noqa: PLC0415
 
     out = prepare_out_dir(args.out)
@@ -174,6 +204,7 @@ def _main(argv: Sequence[str] | None) -> int:
         rerank=args.rerank,
         metrics=groups,
         data_dir=args.data_dir,
+        builder_kwargs=builder_kwargs,
         progress=True,
         warn=_warn,
     )

@@ -514,6 +514,8 @@ def test_cli_help_documents_every_flag_with_its_default(capsys):
         "--top-p",
         "--cfg-scale",
         "--rerank",
+        "--folder",
+        "--image-size",
     ):
         assert flag in text
     assert "0 = no reranking" in text and "rerank_per_image" in text
@@ -533,6 +535,9 @@ def test_cli_help_documents_every_flag_with_its_default(capsys):
         (["--batch-size", "0"], "batch size must be at least 1"),
         (["--top-p", "0"], "top-p must be in (0, 1]"),
         (["--rerank", "-1"], "rerank -1 is negative"),
+        (["--folder", "{tmp}"], "--folder: image_folder only, but the dataset is"),
+        (["--image-size", "32"], "--image-size: image_folder only"),
+        (["--dataset", "image_folder"], "dataset 'image_folder' needs --folder DIR"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(flags, expected, bundle_dir, data_dir, tmp_path, capsys):
@@ -563,3 +568,33 @@ def test_a_split_without_captions_exits_2_with_one_line(
     assert main(argv + ["--data-dir", data_dir, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: image_folder/32:train has no captions") and err.count("\n") == 1
+
+
+def test_the_cli_evaluates_your_own_image_folder(bundle_dir, tmp_path, capsys):
+    # Captioned 32 px pictures of a few shapes, prepared as `train data --dataset image_folder`.
+    from PIL import Image
+
+    folder, data_dir = tmp_path / "pictures", tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        image = np.kron(blocks, np.ones((8, 8, 1), np.uint8))
+        Image.fromarray(image).save(folder / f"p{i:02d}.png")
+        (folder / f"p{i:02d}.txt").write_text(f"a red circle number {i}")
+    kwargs = {"folder": str(folder), "image_size": 32}
+    registry.builder("image_folder", data_dir=str(data_dir), **kwargs).download_and_prepare()
+    held_out = pipeline.open_split("image_folder", "validation", data_dir=str(data_dir), **kwargs)
+
+    out = tmp_path / "eval"
+    argv = ["--model", str(bundle_dir), "--dataset", "image_folder", "--folder", str(folder)]
+    argv += ["--image-size", "32", "--split", "validation", "--data-dir", str(data_dir)]
+    argv += ["--metrics", "loss,vqvae", "--batch-size", "8", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((out / ev.REPORT_NAME).read_text())["results"]["validation"]
+    assert result["examples"] == held_out.num_examples > 0
+    assert result["image_bits_per_dim"] > 0 and result["vqvae_psnr"] > 0
+    # Prepared at 32 px, it must be named at 32: the 64 px variant was never prepared.
+    argv[argv.index("32")] = "64"
+    assert main(argv) == 2
+    assert "train data" in capsys.readouterr().err

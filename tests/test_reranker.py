@@ -316,6 +316,52 @@ def test_cli_help_and_user_errors(tmp_path, capsys):
     assert "--tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--folder", "{tmp}"], "--folder: image_folder only, but the dataset is 'shapes_world"),
+        (["--dataset", "image_folder"], "dataset 'image_folder' needs --folder DIR"),
+    ],
+)
+def test_folder_flags_name_an_image_folder_only(flags, expected, tokenizer_file, tmp_path, capsys):
+    argv = ["reranker", "--config", "tiny", "--workdir", str(tmp_path / "run")]
+    argv += ["--tokenizer", tokenizer_file, *(f.format(tmp=tmp_path) for f in flags)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+def test_trains_and_resumes_on_an_image_folder(tokenizer_file, tmp_path, capsys):
+    from PIL import Image
+
+    # 100 captioned 40x48 pictures (2 held out for validation), prepared at 32 px.
+    folder, data_dir = tmp_path / "pictures", tmp_path / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        colour = COLOURS[i % len(COLOURS)]
+        Image.fromarray(np.broadcast_to(colour, (40, 48, 3))).save(folder / f"p{i:03d}.png")
+        name = ("red", "green", "blue", "yellow")[i % len(COLOURS)]
+        (folder / f"p{i:03d}.txt").write_text(f"a {name} square {rng.integers(9)}")
+    flags = ["--dataset", "image_folder", "--folder", str(folder), "--image-size", "32"]
+    flags += ["--data-dir", str(data_dir)]
+    assert main(["data", *flags]) == 0
+    workdir = tmp_path / "run"
+    argv = ["reranker", "--config", "tiny", "--workdir", str(workdir), *flags]
+    argv += ["--tokenizer", tokenizer_file, "--steps", "4", "--warmup-steps", "1"]
+    argv += ["--batch-size", "8"]
+    argv += ["--log-every", "1", "--eval-every", "1000", "--checkpoint-every", "1000"]
+    assert main([*argv, "--stop-after", "2"]) == 0
+    assert main(argv) == 0  # resumes: the folder is part of the job
+    assert sorted(read_metrics(workdir)) == [1, 2, 3, 4]
+    final = read_metrics(workdir, "validation")[4]
+    assert final["group"] == 2 and final["examples"] == 2  # the folder's own held-out images
+    saved_job = ckpt.read_json_item(ckpt.checkpoints_dir(workdir) / "4")["job"]
+    assert saved_job["dataset"] == "image_folder"
+    assert saved_job["builder_kwargs"] == {"folder": str(folder), "image_size": 32}
+    assert rt.load_reranker(str(workdir))[1].image_size == 32
+
+
 def test_the_cli_offers_every_reranker_job():
     # The CLI lists the job names without importing jax; the list must follow JOBS.
     from train.reranker_cmd import CONFIG_NAMES

@@ -2,7 +2,9 @@
 
 The reranker scores how well an image fits a caption; `sample --rerank M` keeps the best of M
 candidates by it, and evaluation reports its retrieval accuracy. Rerunning the same command
-resumes from the latest checkpoint in DIR (the tokenizer then defaults to DIR's copy).
+resumes from the latest checkpoint in DIR (the tokenizer then defaults to DIR's copy). Your own
+images: `--dataset image_folder --folder DIR --image-size S`, prepared first with `train data`
+and the same flags.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import dataclasses
 import json
 
-from train.data_cmd import add_data_dir_argument, no_default
+from train.data_cmd import add_data_dir_argument, folder_builder_kwargs, no_default
 from train.run_flags import add_distributed_arguments, start_distributed
 
 HELP = "Train the contrastive text-image reranker (CLIP-style); rerun the same command to resume."
@@ -61,11 +63,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--folder",
+        default=None,
+        metavar="DIR",
+        help=no_default(
+            "image_folder only: the folder of your images and their captions (prepared first "
+            "with `train data --dataset image_folder --folder DIR --image-size S`)"
+        ),
+    )
+    parser.add_argument(
         "--image-size",
         type=int,
         default=None,
         metavar="S",
-        help=no_default("side the images are resized to (default: the dataset's own)"),
+        help=no_default(
+            "side the images are resized to (default: the dataset's own); for image_folder, "
+            "the side it was prepared at (default: the builder's, 64)"
+        ),
     )
     parser.add_argument(
         "--steps", type=int, default=None, metavar="N", help=no_default("override total steps")
@@ -186,7 +200,9 @@ def job_from_args(args: argparse.Namespace):
     }
     if args.eval_examples is not None:
         job_changes["eval_max_examples"] = args.eval_examples or None
-    return job.replace(**job_changes) if job_changes else job
+    job = job.replace(**job_changes) if job_changes else job
+    dataset_kwargs = folder_builder_kwargs(args, job.dataset, image_size_resizes=True)
+    return job.replace(builder_kwargs=tuple(sorted(dataset_kwargs.items())))
 
 
 def run(args: argparse.Namespace) -> int:

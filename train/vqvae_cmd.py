@@ -11,7 +11,12 @@ import argparse
 import dataclasses
 import json
 
-from train.data_cmd import add_data_dir_argument, add_folder_arguments, no_default
+from train.data_cmd import (
+    add_data_dir_argument,
+    add_folder_arguments,
+    folder_builder_kwargs,
+    no_default,
+)
 from train.run_flags import add_distributed_arguments, add_resume_arguments, start_distributed
 
 HELP = "Train the vqvae image tokenizer (stage 1); rerun the same command to resume."
@@ -146,21 +151,8 @@ def job_from_args(args: argparse.Namespace):
     if args.eval_examples is not None:
         job_changes["eval_max_examples"] = args.eval_examples or None
     job = job.replace(**job_changes) if job_changes else job
-    dataset_kwargs = _builder_kwargs(args, job.dataset)
+    dataset_kwargs = folder_builder_kwargs(args, job.dataset)
     return job.replace(builder_kwargs=tuple(sorted(dataset_kwargs.items())))
-
-
-def _builder_kwargs(args: argparse.Namespace, dataset: str) -> dict:
-    """`--folder`/`--image-size` as builder arguments of the job's dataset (`train data`'s)."""
-    from dalle_jax.data import registry
-    from dalle_jax.errors import UserError
-    from train.data_cmd import builder_kwargs
-
-    kwargs = builder_kwargs(argparse.Namespace(**{**vars(args), "dataset": dataset}))
-    if kwargs and registry.split_name(dataset)[0] != "image_folder":
-        flags = ", ".join("--" + key.replace("_", "-") for key in kwargs)
-        raise UserError(f"{flags}: image_folder only, but the dataset is {dataset!r}")
-    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:

@@ -633,6 +633,7 @@ def evaluate_bundle(
     rerank: int | None = None,
     metrics: str | Sequence[str] | None = None,
     data_dir: str | None = None,
+    builder_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     warn: Warn | None = None,
 ) -> dict[str, Any]:
@@ -646,7 +647,8 @@ def evaluate_bundle(
     keeping one: None = the bundle's default (`dalle_jax.generate.default_rerank`), 0 = off;
     R-precision and FD always use images generated without reranking (module docstring).
     metrics: groups of `METRIC_GROUPS` (None: all). data_dir: where the dataset is prepared
-    (default `$DALLE_JAX_DATA_DIR`). Bad input (unknown dataset or split, an image size the
+    (default `$DALLE_JAX_DATA_DIR`); builder_kwargs: the dataset builder's keyword arguments
+    (image_folder's folder and image_size). Bad input (unknown dataset or split, an image size the
     vqvae does not take, a split without captions, num_prompts < 1, a rerank without a
     reranker) is a `UserError`, raised before anything slow.
     """
@@ -677,7 +679,7 @@ def evaluate_bundle(
     # Every split is opened and read before any model runs: a bad one fails in seconds.
     loaded = []
     for name in split_names:
-        split = pipeline.open_split(dataset, name, data_dir=data_dir)
+        split = pipeline.open_split(dataset, name, data_dir=data_dir, **dict(builder_kwargs or {}))
         check_image_size(split, image_size)
         examples = load_examples(split, num_prompts, image_size)
         if examples.available < num_prompts:
