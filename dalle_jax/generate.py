@@ -282,35 +282,45 @@ def _check_bundle(bundle: Any) -> None:
         )
 
 
-def _decoder(vqvae_model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """A compiled `ids int32 [B, h, w] -> images uint8 [B, H, W, 3]` for the bundle's vqvae."""
-    graphdef, state = nnx.split(vqvae_model)
-    return functools.partial(_compiled_decoder(graphdef), state)
+# Rows per vqvae call in `generate_images`, whatever its sampling batch size. XLA picks kernels
+# by shape, and kernels of another batch size round differently in the last bit: enough to move
+# a decoded pixel across a rounding boundary of its 8-bit value (seen on a Xeon: 1 level, a few
+# pixels per image). Decoding every image in chunks of one shape keeps the same seed's images
+# byte-identical whatever `batch_size` is.
+VQVAE_CHUNK = 8
 
 
-def _encoder(vqvae_model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
-    """A compiled `images uint8 [B, H, W, 3] -> ids int32 [B, h, w]` for the bundle's vqvae."""
-    graphdef, state = nnx.split(vqvae_model)
-    return functools.partial(_compiled_encoder(graphdef), state)
+def _in_chunks(fn: Callable[[jax.Array], jax.Array]) -> Callable[[np.ndarray], np.ndarray]:
+    """`fn` over rows [B, ...] in calls of exactly `VQVAE_CHUNK` rows (the last one padded with
+    copies of the last row, which are dropped); returns numpy [B, ...]."""
 
-
-@functools.lru_cache(maxsize=4)
-def _compiled_encoder(graphdef):
-    from vqvae.model import encode  # noqa: PLC0415 - the leaf package, loaded with the model
-
-    return jax.jit(lambda state, images: encode(nnx.merge(graphdef, state), images))
-
-
-@functools.lru_cache(maxsize=4)
-def _compiled_decoder(graphdef):
-    from vqvae.model import decode, to_uint8  # noqa: PLC0415 - the leaf package, with the model
-
-    @jax.jit
-    def run(state, ids):
-        images = decode(nnx.merge(graphdef, state), ids)  # float32 in [0, 1]
-        return to_uint8(images)
+    def run(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        out = []
+        for start in range(0, len(rows), VQVAE_CHUNK):
+            index = np.minimum(np.arange(start, start + VQVAE_CHUNK), len(rows) - 1)
+            out.append(np.asarray(fn(jnp.asarray(rows[index])))[: len(rows) - start])
+        return np.concatenate(out)
 
     return run
+
+
+def _decoder(vqvae_model: nnx.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """`ids int32 [B, h, w] -> images uint8 [B, H, W, 3]` for the bundle's vqvae, compiled
+    for `VQVAE_CHUNK` rows."""
+    from vqvae.compiled import compiled_decode  # noqa: PLC0415 - the leaf package, with the model
+
+    graphdef, state = nnx.split(vqvae_model)
+    return _in_chunks(functools.partial(compiled_decode(graphdef), state))
+
+
+def _encoder(vqvae_model: nnx.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """`images uint8 [B, H, W, 3] -> ids int32 [B, h, w]` for the bundle's vqvae, compiled
+    for `VQVAE_CHUNK` rows."""
+    from vqvae.compiled import compiled_encode  # noqa: PLC0415 - the leaf package, with the model
+
+    graphdef, state = nnx.split(vqvae_model)
+    return _in_chunks(functools.partial(compiled_encode(graphdef), state))
 
 
 def generate_images(
@@ -369,12 +379,12 @@ def generate_images(
             rows = text_ids[np.minimum(index, total - 1) // per_prompt]
             keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, jnp.asarray(index))
             ids = sampler(jnp.asarray(rows), keys)
-            ids = ids.reshape(batch, config.image_rows, config.image_cols)
-            decoded = decode(ids)
-            images.append(np.asarray(decoded)[: max(0, total - start)])
+            ids = np.asarray(ids).reshape(batch, config.image_rows, config.image_cols)
+            decoded = decode(ids[: total - start])
+            images.append(decoded)
             if likelihood_weight > 0 and rerank is not None:
                 # The image as rendered, read back by the vqvae: see `rendered_ids`.
-                drawn_ids.append(np.asarray(encode(decoded))[: max(0, total - start)])
+                drawn_ids.append(encode(decoded))
             bar.update()
     candidates = np.concatenate(images).reshape(len(prompts), per_prompt, *images[0].shape[1:])
 

@@ -60,8 +60,7 @@ from dalle_jax.vqvae_training import (
     round_up,
     shard_whole_batch,
 )
-from vqvae.model import to_uint8
-from vqvae.train_step import eval_step as vqvae_eval_step
+from vqvae.compiled import compiled_reconstruct
 
 TOKENIZER_FILENAME = "tokenizer.model"
 
@@ -410,19 +409,6 @@ def compiled_embed(model_config: rr.RerankerConfig, mesh: Mesh) -> Callable:
     return jax.jit(fn, out_shardings=replicated(mesh))
 
 
-@functools.lru_cache(maxsize=4)
-def compiled_reconstruct(graphdef: nnx.GraphDef) -> Callable:
-    """`fn(vqvae_state, images uint8 [B, S, S, 3]) -> uint8 [B, S, S, 3]`: decode(encode(x)),
-    rounded back to 8 bits as `sample` renders images."""
-
-    @jax.jit
-    def run(state, images):
-        recon = vqvae_eval_step(nnx.merge(graphdef, state), images)["recon"]
-        return to_uint8(recon)
-
-    return run
-
-
 def reconstructor(job: RerankerJob, image_size: int, mesh: Mesh) -> Callable | None:
     """`images -> the vqvae's reconstructions` for `job.vqvae` on `mesh` (None: no vqvae).
     UserError when that vqvae works at another image size than the reranker trains at."""
@@ -438,7 +424,7 @@ def reconstructor(job: RerankerJob, image_size: int, mesh: Mesh) -> Callable | N
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, replicated(mesh))
     run = compiled_reconstruct(graphdef)
-    return functools.partial(run, state)
+    return lambda images: run(state, images)["recon"]
 
 
 def negative_batch(

@@ -67,6 +67,7 @@ from dalle_jax.sharding import (
 )
 from dalle_jax.tokenizer import TextTokenizer
 from dalle_jax.train_step import OptimConfig, init_train_state, make_train_step
+from vqvae.compiled import compiled_decode
 
 TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 BUNDLE_DIRNAME = "bundle"
@@ -457,19 +458,6 @@ def compiled_eval_step(config: DalleConfig, mesh: Mesh, rules: LogicalRules) -> 
     return run
 
 
-@functools.lru_cache(maxsize=4)
-def compiled_vqvae_decode(vqvae_graphdef: nnx.GraphDef) -> Callable:
-    """`fn(vqvae_state, ids int32 [B, h, w]) -> images uint8 [B, H, W, 3]`."""
-    from vqvae.model import decode, to_uint8
-
-    @jax.jit
-    def fn(state, ids):
-        images = decode(nnx.merge(vqvae_graphdef, state), ids)
-        return to_uint8(images)
-
-    return fn
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -586,7 +574,7 @@ def sample_grid(
         ids = sampler(jax.device_put(np.asarray(prompts.text_ids), replicated), keys)
     ids = _to_host(ids).reshape(-1, config.image_rows, config.image_cols)
     vqvae_graphdef, vqvae_state = nnx.split(vqvae)
-    decode = compiled_vqvae_decode(vqvae_graphdef)
+    decode = compiled_decode(vqvae_graphdef)
     samples = np.asarray(decode(vqvae_state, ids))
     count = len(samples)
     if prompts.true_image_ids is None:

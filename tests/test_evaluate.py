@@ -565,6 +565,7 @@ def test_a_split_without_captions_exits_2_with_one_line(
     )
     monkeypatch.setattr(pipeline, "open_split", lambda *args, **kwargs: fake)
     argv = ["--model", str(bundle_dir), "--dataset", "image_folder/32", "--split", "train"]
+    argv += ["--folder", str(tmp_path)]
     assert main(argv + ["--data-dir", data_dir, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: image_folder/32:train has no captions") and err.count("\n") == 1

@@ -46,7 +46,6 @@ image i of a split is drawn with key `fold_in(key(seed), i)`, whatever the batch
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -319,22 +318,6 @@ def _finite(value: float) -> float | None:
 # ------------------------------------------------------------------------------ model passes
 
 
-@functools.lru_cache(maxsize=4)
-def _compiled_reconstruct(graphdef: nnx.GraphDef) -> Callable:
-    """`fn(state, images uint8 [B, S, S, 3]) -> {"ids": int32 [B, h, w], "recon": uint8
-    [B, S, S, 3], "psnr": float32 [B]}` (PSNR of the float reconstruction, as in training)."""
-    from vqvae.model import to_uint8  # noqa: PLC0415
-    from vqvae.train_step import eval_step  # noqa: PLC0415
-
-    @jax.jit
-    def run(state, images):
-        out = eval_step(nnx.merge(graphdef, state), images)
-        recon = to_uint8(out["recon"])
-        return {"ids": out["ids"], "recon": recon, "psnr": out["psnr"]}
-
-    return run
-
-
 def _batches(count: int, batch_size: int):
     """(start, stop) of each batch; the caller pads the last one to `batch_size` (one compile)."""
     return [(s, min(s + batch_size, count)) for s in range(0, count, batch_size)]
@@ -354,7 +337,9 @@ def reconstruct(
     from dalle_jax.loop_utils import pad_rows  # noqa: PLC0415
 
     graphdef, state = nnx.split(vqvae_model)
-    run = _compiled_reconstruct(graphdef)
+    from vqvae.compiled import compiled_reconstruct  # noqa: PLC0415
+
+    run = compiled_reconstruct(graphdef)
     parts: dict[str, list[np.ndarray]] = {"ids": [], "recon": [], "psnr": []}
     batch = min(batch_size, len(images))
     spans = _batches(len(images), batch)
