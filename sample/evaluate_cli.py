@@ -154,22 +154,10 @@ def check_flags(args: argparse.Namespace) -> tuple[list[str], tuple[str, ...], d
     if not args.dataset.strip():
         raise UserError("--dataset is empty; name a prepared dataset, e.g. shapes_world/64")
     registry.spec(args.dataset.strip())  # an unknown name fails before the bundle loads
-    return splits, groups, folder_builder_kwargs(args)
-
-
-def folder_builder_kwargs(args: argparse.Namespace) -> dict:
-    """`--folder`/`--image-size` as the image_folder builder's keyword arguments."""
-    from dalle_jax.data import registry  # noqa: PLC0415
-
-    given = {"folder": args.folder, "image_size": args.image_size}
-    kwargs = {key: value for key, value in given.items() if value is not None}
-    if registry.split_name(args.dataset.strip())[0] != "image_folder":
-        if kwargs:
-            flags = ", ".join("--" + key.replace("_", "-") for key in kwargs)
-            raise UserError(f"{flags}: image_folder only, but the dataset is {args.dataset!r}")
-    elif "folder" not in kwargs:
-        raise UserError("dataset 'image_folder' needs --folder DIR (the folder of your images)")
-    return kwargs
+    builder_kwargs = registry.folder_kwargs(
+        args.dataset.strip(), folder=args.folder, image_size=args.image_size
+    )
+    return splits, groups, builder_kwargs
 
 
 def _warn(message: str) -> None:

@@ -56,3 +56,23 @@ def test_an_unknown_config_lists_the_builders_configs(tmp_path):
         registry.builder("emoji/1024", data_dir=str(tmp_path))
     assert "emoji/1024" in str(error.value)
     assert "tiny32" in str(error.value)  # one of the emoji builder's configs
+
+
+def test_folder_flags_name_an_image_folder_and_nothing_else():
+    assert registry.folder_kwargs("image_folder", folder="/pics", image_size=None) == {
+        "folder": "/pics"
+    }
+    assert registry.folder_kwargs("image_folder/32", folder="/pics", image_size=32) == {
+        "folder": "/pics",
+        "image_size": 32,
+    }
+    assert registry.folder_kwargs("shapes_world/64", folder=None, image_size=None) == {}
+    # Where the command resizes other datasets itself, their image size is not a builder's.
+    resized = registry.folder_kwargs(
+        "shapes_world/64", folder=None, image_size=32, image_size_resizes=True
+    )
+    assert resized == {}
+    with pytest.raises(UserError, match="needs --folder DIR"):
+        registry.folder_kwargs("image_folder", folder=None, image_size=64)
+    with pytest.raises(UserError, match="--folder, --image-size: image_folder only"):
+        registry.folder_kwargs("emoji/32", folder="/pics", image_size=32)

@@ -70,24 +70,16 @@ def builder_kwargs(args: argparse.Namespace) -> dict:
 def folder_builder_kwargs(
     args: argparse.Namespace, dataset: str, *, image_size_resizes: bool = False
 ) -> dict:
-    """`--folder`/`--image-size` as builder arguments of `dataset` (for the commands that read
-    a dataset named by a job config rather than by `--dataset`).
-
-    They name an image_folder dataset and nothing else: given for another dataset, they are a
-    user error, except `--image-size` where the command itself resizes (`image_size_resizes`).
-    """
+    """`--folder`/`--image-size` as builder arguments of `dataset`, for the commands that read
+    a dataset named by a job config (`registry.folder_kwargs`)."""
     from dalle_jax.data import registry
-    from dalle_jax.errors import UserError
 
-    is_folder = registry.split_name(dataset)[0] == "image_folder"
-    ns = argparse.Namespace(**{**vars(args), "dataset": dataset})
-    if image_size_resizes and not is_folder:
-        ns.image_size = None
-    kwargs = builder_kwargs(ns)
-    if kwargs and not is_folder:
-        flags = ", ".join("--" + key.replace("_", "-") for key in kwargs)
-        raise UserError(f"{flags}: image_folder only, but the dataset is {dataset!r}")
-    return kwargs
+    return registry.folder_kwargs(
+        dataset,
+        folder=args.folder,
+        image_size=args.image_size,
+        image_size_resizes=image_size_resizes,
+    )
 
 
 class _DropTfdsNoise(logging.Filter):

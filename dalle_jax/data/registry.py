@@ -95,6 +95,26 @@ def resolve_split(name: str, split: str, available: Collection[str]) -> str:
     return own if own in available else split
 
 
+def folder_kwargs(
+    name: str, *, folder: str | None, image_size: int | None, image_size_resizes: bool = False
+) -> dict[str, Any]:
+    """The `--folder DIR --image-size S` flags of a command reading dataset `name`, as builder
+    keyword arguments. They name an image_folder dataset, which needs the folder; given for
+    another dataset they are a `UserError`, except the image size where the command itself
+    resizes other datasets' images (`image_size_resizes`: it is then not a builder argument)."""
+    is_folder = split_name(name)[0] == "image_folder"
+    if image_size_resizes and not is_folder:
+        image_size = None
+    given = {"folder": folder, "image_size": image_size}
+    kwargs = {key: value for key, value in given.items() if value is not None}
+    if not is_folder and kwargs:
+        flags = ", ".join("--" + key.replace("_", "-") for key in kwargs)
+        raise UserError(f"{flags}: image_folder only, but the dataset is {name!r}")
+    if is_folder and "folder" not in kwargs:
+        raise UserError("dataset 'image_folder' needs --folder DIR (the folder of your images)")
+    return kwargs
+
+
 def module(name: str) -> Any:
     """Imports the module behind a dataset, naming the extra to install when it is missing."""
     dataset = spec(name)
