@@ -340,6 +340,12 @@ class ResumeSource:
     step_dir: epath.Path | None = None
     step: int | None = None
 
+    @property
+    def start_step(self) -> int:
+        """The step a run continues from: the checkpoint's when it resumed (its workdir or
+        --resume), else 0 (--init takes weights only; their step number is the other run's)."""
+        return (self.step or 0) if self.kind in ("workdir", "resume") else 0
+
     def __str__(self) -> str:
         at = f" (step {self.step})" if self.step is not None else ""
         if self.kind == "workdir":
@@ -755,3 +761,29 @@ class Checkpointer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def open_run(
+    workdir: PathLike,
+    abstract_state: Any,
+    *,
+    init_fn: Callable[[], Any],
+    resume: PathLike | None = None,
+    init: PathLike | None = None,
+    **checkpointer_options: Any,
+) -> tuple[Checkpointer, Restored]:
+    """A `Checkpointer` for `workdir` and the run's starting state (`restore_or_init`).
+
+    checkpointer_options: `Checkpointer`'s keyword arguments (config, save_interval_steps,
+    ignore_keys, defaults, ...). When restoring refuses (a config mismatch, a corrupt step), the
+    checkpointer is closed before the error propagates, so no orbax thread outlives it.
+    """
+    checkpointer = Checkpointer(workdir, **checkpointer_options)
+    try:
+        restored = checkpointer.restore_or_init(
+            abstract_state, init_fn=init_fn, resume=resume, init=init
+        )
+    except BaseException:
+        checkpointer.close()
+        raise
+    return checkpointer, restored

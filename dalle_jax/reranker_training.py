@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from dalle_jax import checkpoint as ckpt
-from dalle_jax import hard_negatives
+from dalle_jax import hard_negatives, train_state
 from dalle_jax import reranker as rr
 from dalle_jax.data import pipeline
 from dalle_jax.data.shapes_world import spec as shapes_spec
@@ -341,17 +341,6 @@ def _init(model_config: rr.RerankerConfig, train_config: RerankerTrainConfig):
     return model, nnx.Optimizer(model, make_optimizer(train_config), wrt=nnx.Param)
 
 
-def _to_checkpoint(state: nnx.State) -> dict[str, Any]:
-    return {"params": nnx.to_pure_dict(state[0]), "opt": nnx.to_pure_dict(state[1])}
-
-
-def _from_checkpoint(template: nnx.State, tree: dict[str, Any]) -> nnx.State:
-    model_state, opt_state = template[0], template[1]
-    nnx.replace_by_pure_dict(model_state, tree["params"])
-    nnx.replace_by_pure_dict(opt_state, tree["opt"])
-    return nnx.State({0: model_state, 1: opt_state})
-
-
 # Cached per (configs, mesh), as in stage 1: a second run in one process (tests, time-sliced
 # sessions) reuses the compiled programs.
 
@@ -365,13 +354,10 @@ def train_graphdef(model_config: rr.RerankerConfig, train_config: RerankerTrainC
 @functools.lru_cache(maxsize=8)
 def compiled_init(model_config, train_config, mesh: Mesh) -> Callable:
     """`init() -> {"params": ..., "opt": ...}`, the fresh state replicated on `mesh`."""
-    # It runs once: on CPU, LLVM's optimisation of its random-number kernels costs many seconds
-    # of compile for nothing (as in stage 1).
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    return jax.jit(
-        lambda: _to_checkpoint(nnx.state(_init(model_config, train_config))),
-        out_shardings=replicated(mesh),
-        compiler_options={"xla_backend_optimization_level": 0} if on_cpu else None,
+    return train_state.jit_init(
+        lambda: train_state.to_checkpoint(nnx.state(_init(model_config, train_config))),
+        replicated(mesh),
+        on_cpu=mesh.devices.flat[0].platform == "cpu",
     )
 
 
@@ -454,7 +440,7 @@ def fresh_train_state(model_config, train_config, mesh: Mesh) -> nnx.State:
     graphdef = train_graphdef(model_config, train_config)
     _, abstract_state = nnx.split(nnx.eval_shape(lambda: _init(model_config, train_config)))
     tree = compiled_init(model_config, train_config, mesh)()
-    return nnx.state(nnx.merge(graphdef, _from_checkpoint(abstract_state, tree)))
+    return train_state.step_state(graphdef, abstract_state, tree)
 
 
 def model_of(state: nnx.State, model_config, train_config) -> rr.Reranker:
@@ -570,29 +556,19 @@ def train_and_evaluate(
 
     graphdef = train_graphdef(model_config, train_config)
     _, abstract_state = nnx.split(nnx.eval_shape(lambda: _init(model_config, train_config)))
-    abstract_tree = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)),
-        _to_checkpoint(abstract_state),
-    )
-    checkpointer = ckpt.Checkpointer(
+    checkpointer, restored = ckpt.open_run(
         workdir,
+        train_state.abstract_checkpoint(abstract_state, replicated(mesh)),
+        init_fn=compiled_init(model_config, train_config, mesh),
         config=job.to_dict(),
         save_interval_steps=job.checkpoint_every,
         ignore_keys=RESUMABLE_KEYS,
         # A checkpoint from before a config field existed resumes if the field is at its default.
         defaults=ckpt.config_defaults({"model": job.model, "train": job.train}),
     )
-    try:
-        restored = checkpointer.restore_or_init(
-            abstract_tree, init_fn=compiled_init(model_config, train_config, mesh)
-        )
-    except BaseException:
-        checkpointer.close()
-        raise
     _save_tokenizer_copy(tokenizer_path, workdir)
-    start_step = restored.how.step or 0
-    # Rebuilt through merge + state so its pytree has the structure the step returns (one compile).
-    state = nnx.state(nnx.merge(graphdef, _from_checkpoint(abstract_state, restored.state)))
+    start_step = restored.how.start_step
+    state = train_state.step_state(graphdef, abstract_state, restored.state)
 
     data = pipeline.image_text_dataset(
         train_split.source,
@@ -659,7 +635,10 @@ def train_and_evaluate(
                 )
             if checkpointer.should_save(step) or last_step:
                 checkpointer.save(
-                    step, _to_checkpoint(state), data_state=data_iter.get_state(), force=last_step
+                    step,
+                    train_state.to_checkpoint(state),
+                    data_state=data_iter.get_state(),
+                    force=last_step,
                 )
     finally:
         data_iter.close()

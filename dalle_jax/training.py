@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dalle_jax import checkpoint as ckpt
+from dalle_jax import train_state
 from dalle_jax.bundle import check_compatible, export_bundle
 from dalle_jax.data import pipeline
 from dalle_jax.errors import UserError
@@ -330,18 +331,6 @@ def _new_train_state(config: DalleConfig, optim: OptimConfig, seed: int) -> nnx.
     return init_train_state(_new_model(config, seed), optim)[1]
 
 
-def to_checkpoint(state: nnx.State) -> dict[str, Any]:
-    """`nnx.state((model, optimizer))` -> `{"params": ..., "opt": ...}` pure dicts."""
-    return {"params": nnx.to_pure_dict(state[0]), "opt": nnx.to_pure_dict(state[1])}
-
-
-def from_checkpoint(template: nnx.State, tree: Mapping[str, Any]) -> nnx.State:
-    model_state, opt_state = template[0], template[1]
-    nnx.replace_by_pure_dict(model_state, tree["params"])
-    nnx.replace_by_pure_dict(opt_state, tree["opt"])
-    return nnx.State({0: model_state, 1: opt_state})
-
-
 def abstract_train_state(config: DalleConfig, optim: OptimConfig) -> nnx.State:
     """The train state's structure (`jax.ShapeDtypeStruct` values), fresh on every call."""
     return nnx.eval_shape(lambda: _new_train_state(config, optim, 0))
@@ -372,7 +361,9 @@ def checkpoint_shardings(
     config: DalleConfig, optim: OptimConfig, mesh: Mesh, rules: LogicalRules
 ) -> dict[str, Any]:
     """`NamedSharding`s of the checkpoint tree `{"params", "opt"}` from the logical axes."""
-    return to_checkpoint(param_shardings(abstract_train_state(config, optim), mesh, rules))
+    return train_state.to_checkpoint(
+        param_shardings(abstract_train_state(config, optim), mesh, rules)
+    )
 
 
 def abstract_checkpoint(
@@ -380,11 +371,8 @@ def abstract_checkpoint(
 ) -> dict[str, Any]:
     """The checkpoint tree as `jax.ShapeDtypeStruct`s carrying the mesh's shardings: what a
     checkpoint of any mesh shape is restored onto."""
-    shapes = to_checkpoint(abstract_train_state(config, optim))
-    return jax.tree.map(
-        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        shapes,
-        checkpoint_shardings(config, optim, mesh, rules),
+    return train_state.abstract_checkpoint(
+        abstract_train_state(config, optim), checkpoint_shardings(config, optim, mesh, rules)
     )
 
 
@@ -393,13 +381,10 @@ def compiled_init(
     config: DalleConfig, optim: OptimConfig, seed: int, mesh: Mesh, rules: LogicalRules
 ) -> Callable[[], dict[str, Any]]:
     """`init() -> {"params", "opt"}`: the fresh state, each shard made on its own device."""
-    # It runs once: on CPU, LLVM's optimisations of the many random-number kernels cost more
-    # compile time than they save (see vqvae_training.compiled_init).
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    jitted = jax.jit(
-        lambda: to_checkpoint(_new_train_state(config, optim, seed)),
-        out_shardings=checkpoint_shardings(config, optim, mesh, rules),
-        compiler_options={"xla_backend_optimization_level": 0} if on_cpu else None,
+    jitted = train_state.jit_init(
+        lambda: train_state.to_checkpoint(_new_train_state(config, optim, seed)),
+        checkpoint_shardings(config, optim, mesh, rules),
+        on_cpu=mesh.devices.flat[0].platform == "cpu",
     )
 
     def init() -> dict[str, Any]:
@@ -668,27 +653,20 @@ def train_and_evaluate(
     step_fn = compiled_train_step(config, optim, seed, mesh, rules)
     total = optim.total_steps
 
-    checkpointer = ckpt.Checkpointer(
+    checkpointer, restored = ckpt.open_run(
         workdir,
+        abstract_tree,
+        init_fn=init_fn,
+        resume=resume,
+        init=init,
         config=job.to_dict(),
         save_interval_steps=job.checkpoint_every,
         ignore_keys=RESUMABLE_KEYS,
         # A checkpoint from before a config field existed resumes if the field is at its default.
         defaults=ckpt.config_defaults({"model": job.model, "optim": job.optim}),
     )
-    try:
-        restored = checkpointer.restore_or_init(
-            abstract_tree, init_fn=init_fn, resume=resume, init=init
-        )
-    except BaseException:
-        checkpointer.close()
-        raise
-    # --init takes weights only: its step number is the other run's, this one starts at 0.
-    resumed = restored.how.kind in ("workdir", "resume")
-    start_step = (restored.how.step or 0) if resumed else 0
-    # Rebuilt through merge + state so its pytree is the one the step returns (one compile).
-    template = abstract_train_state(config, optim)
-    state = nnx.state(nnx.merge(graphdef, from_checkpoint(template, restored.state)))
+    start_step = restored.how.start_step
+    state = train_state.step_state(graphdef, abstract_train_state(config, optim), restored.state)
     data_iter = iter(train_data)
     last_eval: dict[str, float] = {}
     last_eval_step: int | None = None
@@ -770,7 +748,7 @@ def train_and_evaluate(
                 extra = {"last_eval": last_eval, "last_eval_step": last_eval_step}
                 checkpointer.save(
                     step,
-                    to_checkpoint(state),
+                    train_state.to_checkpoint(state),
                     data_state=data_iter.get_state(),
                     extra=extra if last_eval_step is not None else None,
                     force=last_step,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dalle_jax import checkpoint as ckpt
+from dalle_jax import train_state
 from dalle_jax.data import pipeline
 from dalle_jax.data.pipeline import read_examples
 from dalle_jax.errors import UserError
@@ -184,22 +185,6 @@ def _init(model_config: VQVAEConfig, train_config: TrainConfig) -> tuple[VQVAE, 
     return model, create_optimizer(model, train_config)
 
 
-def _to_checkpoint(state: nnx.State) -> dict[str, Any]:
-    return {"params": nnx.to_pure_dict(state[0]), "opt": nnx.to_pure_dict(state[1])}
-
-
-def _from_checkpoint(template: nnx.State, tree: Mapping[str, Any]) -> nnx.State:
-    model_state, opt_state = template[0], template[1]
-    nnx.replace_by_pure_dict(model_state, tree["params"])
-    nnx.replace_by_pure_dict(opt_state, tree["opt"])
-    return nnx.State({0: model_state, 1: opt_state})
-
-
-def _abstract_replicated(tree: Any, mesh: Mesh) -> Any:
-    sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 # ----------------------------------------------------------------------------- compiled steps
 # Cached per (configs, mesh): a process that runs a job again (a time-sliced session with
 # `stop_after`, tests) reuses the compiled programs instead of compiling them again.
@@ -221,13 +206,10 @@ def compiled_init(model_config: VQVAEConfig, train_config: TrainConfig, mesh: Me
 
     One compiled program instead of one small compile per parameter initialiser (DESIGN.md 4).
     """
-    # It runs once: on CPU, LLVM's optimisations of its many random-number kernels took 15 s of
-    # compile for the tiny config, against 2 s without them (values differ by ~1e-7).
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    return jax.jit(
-        lambda: _to_checkpoint(nnx.state(_init(model_config, train_config))),
-        out_shardings=replicated(mesh),
-        compiler_options={"xla_backend_optimization_level": 0} if on_cpu else None,
+    return train_state.jit_init(
+        lambda: train_state.to_checkpoint(nnx.state(_init(model_config, train_config))),
+        replicated(mesh),
+        on_cpu=mesh.devices.flat[0].platform == "cpu",
     )
 
 
@@ -444,31 +426,20 @@ def train_and_evaluate(
 
     graphdef = train_graphdef(job.model, job.train)
     _, abstract_state = nnx.split(nnx.eval_shape(lambda: _init(job.model, job.train)))
-    abstract_tree = _abstract_replicated(_to_checkpoint(abstract_state), mesh)
-
-    init_fn = compiled_init(job.model, job.train, mesh)
-
-    checkpointer = ckpt.Checkpointer(
+    checkpointer, restored = ckpt.open_run(
         workdir,
+        train_state.abstract_checkpoint(abstract_state, replicated(mesh)),
+        init_fn=compiled_init(job.model, job.train, mesh),
+        resume=resume,
+        init=init,
         config=job.to_dict(),
         save_interval_steps=job.checkpoint_every,
         ignore_keys=RESUMABLE_KEYS,
         # A checkpoint from before a config field existed resumes if the field is at its default.
         defaults=ckpt.config_defaults({"model": job.model, "train": job.train}),
     )
-    try:
-        restored = checkpointer.restore_or_init(
-            abstract_tree, init_fn=init_fn, resume=resume, init=init
-        )
-    except BaseException:
-        checkpointer.close()
-        raise
-    # --init takes weights only: its step number is the other run's, this one starts at 0.
-    resumed = restored.how.kind in ("workdir", "resume")
-    start_step = (restored.how.step or 0) if resumed else 0
-    # Rebuilt through merge + state so its pytree has the very structure the step returns;
-    # `_from_checkpoint`'s nesting differs, and the step would compile a second time for it.
-    state = nnx.state(nnx.merge(graphdef, _from_checkpoint(abstract_state, restored.state)))
+    start_step = restored.how.start_step
+    state = train_state.step_state(graphdef, abstract_state, restored.state)
 
     loader = pipeline.LoaderConfig.train(per_host_batch, seed=job.train.seed)
     data = pipeline.image_text_dataset(
@@ -535,7 +506,10 @@ def train_and_evaluate(
                 )
             if checkpointer.should_save(step) or last_step:
                 checkpointer.save(
-                    step, _to_checkpoint(state), data_state=data_iter.get_state(), force=last_step
+                    step,
+                    train_state.to_checkpoint(state),
+                    data_state=data_iter.get_state(),
+                    force=last_step,
                 )
     finally:
         data_iter.close()

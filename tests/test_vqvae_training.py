@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from dalle_jax import checkpoint as ckpt
+from dalle_jax import train_state
 from dalle_jax import vqvae_training as vt
 from dalle_jax.data import pipeline, registry
 from dalle_jax.errors import UserError
@@ -275,11 +276,7 @@ def test_images_of_the_wrong_size_name_the_expected_shape(job):
     mesh = vt.data_mesh()
     _, abstract_state = nnx.split(nnx.eval_shape(lambda: vt._init(job.model, job.train)))
     tree = vt.compiled_init(job.model, job.train, mesh)()
-    state = nnx.state(
-        nnx.merge(
-            vt.train_graphdef(job.model, job.train), vt._from_checkpoint(abstract_state, tree)
-        )
-    )
+    state = train_state.step_state(vt.train_graphdef(job.model, job.train), abstract_state, tree)
     step_fn = vt.compiled_train_step(job.model, job.train, mesh)
     images = vt.global_batch(np.zeros((8, 16, 16, 3), np.uint8), mesh)
     expected = r"expected images \[B, 32, 32, 3\], got \[8, 16, 16, 3\]; resize to 32x32"
