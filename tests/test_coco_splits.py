@@ -2,7 +2,8 @@
 
 `train vqvae` and `train reranker` evaluate on `validation`, `train encode` writes
 `OUT/validation` by default and `train dalle` reads `DATA/validation`. On COCO (Karpathy splits
-train/val/test/restval) a request for `validation` reads `val`. Needs the [coco] extra
+train/val/test/restval) a request for `validation` reads `val`, and `train` reads
+`train+restval` (Karpathy's 113,287 training images). Needs the [coco] extra
 (TensorFlow) to prepare the small fake COCO of `coco_fixtures`; skipped without it.
 """
 
@@ -51,7 +52,23 @@ def test_validation_reads_karpathys_val_split(data_dir):
     assert validation.num_examples == coco_fixtures.split_sizes()["val"]
     assert _captions(validation) == _captions(val)
     # The other Karpathy splits are still there under their own names; no invented ones.
-    assert pipeline.open_split("coco_captions", "restval", data_dir=data_dir).num_examples == 2
+    restval = pipeline.open_split("coco_captions", "restval", data_dir=data_dir)
+    assert restval.num_examples == coco_fixtures.split_sizes()["restval"] == 2
+
+
+def test_train_reads_karpathys_train_and_restval(data_dir):
+    train = pipeline.open_split("coco_captions", "train", data_dir=data_dir)
+    assert train.name == "coco_captions:train+restval"
+    sizes = coco_fixtures.split_sizes()
+    assert train.num_examples == sizes["train"] + sizes["restval"]
+    builder = registry.builder("coco_captions", data_dir=data_dir)
+    expected = [
+        source[i]["image/filename"]
+        for source in (builder.as_data_source("train"), builder.as_data_source("restval"))
+        for i in range(len(source))
+    ]
+    # Karpathy's train, then restval
+    assert [train.source[i]["image/filename"] for i in range(train.num_examples)] == expected
     with pytest.raises(UserError, match="has no split 'dev'; its splits: restval, test"):
         pipeline.open_split("coco_captions", "dev", data_dir=data_dir)
 
@@ -67,7 +84,7 @@ def vqvae_dir(tmp_path_factory) -> str:
     return str(workdir)
 
 
-def test_train_encode_writes_cocos_val_as_the_validation_split_dalle_reads(
+def test_train_encode_writes_cocos_splits_under_the_names_dalle_reads(
     data_dir, vqvae_dir, tmp_path
 ):
     train = pipeline.open_split("coco_captions", "train", data_dir=data_dir)
@@ -81,10 +98,10 @@ def test_train_encode_writes_cocos_val_as_the_validation_split_dalle_reads(
     ]  # fmt: skip
     assert main(argv) == 0  # the default --splits train,validation
     sizes = coco_fixtures.split_sizes()
-    for split, own_name in (("train", "train"), ("validation", "val")):
+    for split, own_names in (("train", ("train", "restval")), ("validation", ("val",))):
         metadata = pipeline.read_encoded_metadata(out / split)
-        assert metadata.count == sizes[own_name], split
-        assert metadata.extra["split"] == own_name  # which COCO split it holds
+        assert metadata.count == sum(sizes[name] for name in own_names), split
+        assert metadata.extra["split"] == "+".join(own_names)  # which COCO splits it holds
     # What `train dalle --data OUT` opens for its evaluation.
     (batch,) = pipeline.encoded_dataset(
         out / "validation", pipeline.LoaderConfig.eval(8), process_index=0, process_count=1

@@ -520,7 +520,12 @@ class _PreparedBuilder:
         return True
 
     def as_data_source(self, split):
-        return list(range(self.info.splits[split]))
+        # tfds's syntax: "a+b" is split a, then split b
+        start = {
+            name: sum(list(self.info.splits.values())[:i])
+            for i, name in enumerate(self.info.splits)
+        }
+        return [start[part] + i for part in split.split("+") for i in range(self.info.splits[part])]
 
 
 @pytest.fixture
@@ -538,7 +543,25 @@ def test_validation_opens_cocos_val_split(fake_datasets):
 
     split = open_split("coco_captions", "validation", data_dir="unused")
     assert split.name == "coco_captions:val" and split.num_examples == 3
-    assert open_split("coco_captions", "train", data_dir="unused").num_examples == 6
+
+
+def test_cocos_train_reads_karpathys_train_and_restval_together(fake_datasets):
+    from dalle_jax.data.pipeline import open_split
+
+    train = open_split("coco_captions", "train", data_dir="unused")
+    assert train.name == "coco_captions:train+restval"
+    assert train.num_examples == 6 + 4
+    assert list(train.source) == list(range(6)) + list(range(11, 15))  # train, then restval
+    # A dataset that declares no union reads its train split alone.
+    assert open_split("image_folder", "train", data_dir="unused").num_examples == 6
+
+
+def test_splits_joined_by_plus_read_together_and_each_must_exist(fake_datasets):
+    from dalle_jax.data.pipeline import open_split
+
+    assert open_split("image_folder", "train+test", data_dir="unused").num_examples == 8
+    with pytest.raises(UserError, match="has no split 'dev'; its splits: restval, test"):
+        open_split("image_folder", "train+dev", data_dir="unused")
 
 
 def test_a_dataset_without_the_alias_still_names_its_splits(fake_datasets):
@@ -561,3 +584,9 @@ def test_resolve_split_prefers_a_split_the_dataset_has():
         registry.resolve_split("coco_captions", "validation", {"validation", "val"}) == "validation"
     )
     assert registry.resolve_split("shapes_world/64", "validation", {"train"}) == "validation"
+    # COCO's union needs every part: without restval, train is train alone.
+    assert registry.resolve_split("coco_captions", "train", {"train", "restval"}) == (
+        "train+restval"
+    )
+    assert registry.resolve_split("coco_captions", "train", {"train", "val"}) == "train"
+    assert registry.resolve_split("shapes_world/64", "train", {"train", "restval"}) == "train"

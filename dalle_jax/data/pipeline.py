@@ -479,7 +479,8 @@ def open_split(dataset: str, split: str, *, data_dir: str | None = None, **build
     """Opens `split` of a dataset prepared by `train data` (no TensorFlow, no download).
 
     `split` may be a name the dataset knows under another one (`validation` is COCO's `val`,
-    `registry.resolve_split`); `Split.name` carries the dataset's own name.
+    `train` its `train+restval`: `registry.resolve_split`), or several of its splits joined by
+    "+"; `Split.name` carries the dataset's own names.
     """
     from dalle_jax.data import registry
 
@@ -495,11 +496,13 @@ def open_split(dataset: str, split: str, *, data_dir: str | None = None, **build
         )
     splits = builder.info.splits
     split = registry.resolve_split(dataset, split, splits)
-    if split not in splits:
+    missing = [part for part in split.split("+") if part not in splits]
+    if missing:
         raise UserError(
-            f"dataset {dataset!r} has no split {split!r}; its splits: {', '.join(sorted(splits))}"
+            f"dataset {dataset!r} has no split {missing[0]!r}; its splits: "
+            f"{', '.join(sorted(splits))}"
         )
-    source = builder.as_data_source(split)
+    source = builder.as_data_source(split)  # "a+b" reads both, one after the other
     return Split(
         name=f"{dataset}:{split}",
         source=source,

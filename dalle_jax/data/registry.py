@@ -9,8 +9,9 @@ Each builder module exposes `normalize(example: dict, index: int) -> {"image": u
 per image and variable-size images; synthetic sets have one caption and a fixed size).
 
 The commands ask for the splits `train` and `validation`; a dataset that names its held-out
-split otherwise declares an alias (COCO: `validation` reads Karpathy's `val`), see
-`resolve_split`.
+split otherwise declares an alias (COCO: `validation` reads Karpathy's `val`), and one whose
+training set spans several splits declares their union (COCO: `train` reads `train+restval`),
+see `resolve_split`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class DatasetSpec:
     # (name the commands ask for, the dataset's own name): the commands evaluate on
     # "validation" and `train dalle` reads DATA/validation, whatever a dataset calls that split.
     split_aliases: tuple[tuple[str, str], ...] = ()
+    # (name the commands ask for, the splits it reads together): COCO's "train" is Karpathy's
+    # 113,287 training images, his `train` and `restval` splits read as one.
+    split_unions: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -65,6 +69,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "MS-COCO 2014 captions, Karpathy splits (needs the [coco] extra: TensorFlow)",
             extra="coco",
             split_aliases=(("validation", "val"),),
+            split_unions=(("train", ("train", "restval")),),
         ),
     ]
 }
@@ -86,9 +91,14 @@ def spec(name: str) -> DatasetSpec:
 
 
 def resolve_split(name: str, split: str, available: Collection[str]) -> str:
-    """The split of dataset `name` that a request for `split` reads: `split` itself when the
-    dataset has it, else the dataset's own name for it (COCO's "val" for "validation"), else
-    `split` unchanged (the caller reports it missing)."""
+    """The split of dataset `name` that a request for `split` reads, in tfds's split syntax:
+    the splits the dataset reads together for it when it declares them and has them all
+    (COCO's "train+restval" for "train"), else `split` itself when the dataset has it, else the
+    dataset's own name for it (COCO's "val" for "validation"), else `split` unchanged (the
+    caller reports it missing)."""
+    union = dict(spec(name).split_unions).get(split)
+    if union and all(part in available for part in union):
+        return "+".join(union)
     if split in available:
         return split
     own = dict(spec(name).split_aliases).get(split)
