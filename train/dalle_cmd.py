@@ -12,7 +12,12 @@ import dataclasses
 import json
 
 from train.data_cmd import no_default
-from train.run_flags import add_distributed_arguments, add_resume_arguments, start_distributed
+from train.run_flags import (
+    add_cadence_arguments,
+    add_distributed_arguments,
+    add_resume_arguments,
+    start_distributed,
+)
 
 HELP = "Train the text-to-image transformer (stage 2) on encoded data; rerun to resume."
 
@@ -107,19 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "data; a leading -1 needs the = form: --mesh=-1,1,1)"
         ),
     )
-    for flag, what in (
-        ("--log-every", "steps between metric lines (metrics.jsonl, TensorBoard)"),
-        ("--eval-every", "steps between evaluations and sample grids (one runs at the end)"),
-        ("--checkpoint-every", "steps between checkpoints (one is always written at the end)"),
-    ):
-        parser.add_argument(flag, type=int, default=None, metavar="N", help=no_default(what))
-    parser.add_argument(
-        "--eval-examples",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("examples of the eval split to evaluate on (0: all of it)"),
-    )
+    add_cadence_arguments(parser, evaluation="evaluations and sample grids")
     add_resume_arguments(parser)
     add_distributed_arguments(parser)
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 
 from train.data_cmd import add_data_dir_argument, folder_builder_kwargs, no_default
-from train.run_flags import add_distributed_arguments, start_distributed
+from train.run_flags import add_cadence_arguments, add_distributed_arguments, start_distributed
 
 HELP = "Train the contrastive text-image reranker (CLIP-style); rerun the same command to resume."
 
@@ -122,33 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "off, it did not raise the shapes judge)"
         ),
     )
-    parser.add_argument(
-        "--log-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("steps between metric lines (metrics.jsonl, TensorBoard)"),
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("steps between evaluations (one always runs at the last step)"),
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("steps between checkpoints (one is always written when a run ends)"),
-    )
-    parser.add_argument(
-        "--eval-examples",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("validation examples to evaluate retrieval on (0: all of them)"),
+    add_cadence_arguments(
+        parser, eval_examples="validation examples to evaluate retrieval on (0: all of them)"
     )
     parser.add_argument(
         "--stop-after",

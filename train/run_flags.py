@@ -40,6 +40,24 @@ def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cadence_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    evaluation: str = "evaluations",
+    eval_examples: str = "examples of the eval split to evaluate on (0: all of it)",
+) -> None:
+    """`--log-every N --eval-every N --checkpoint-every N --eval-examples N`: how often a run
+    logs, evaluates and saves (default: the job config's). `evaluation` names what an
+    evaluation makes, `eval_examples` what the examples are for."""
+    for flag, what in (
+        ("--log-every", "steps between metric lines (metrics.jsonl, TensorBoard)"),
+        ("--eval-every", f"steps between {evaluation} (one always runs at the last step)"),
+        ("--checkpoint-every", "steps between checkpoints (one is always written when a run ends)"),
+        ("--eval-examples", eval_examples),
+    ):
+        parser.add_argument(flag, type=int, default=None, metavar="N", help=no_default(what))
+
+
 # Flags of a multi-process run, in the order `start_distributed` names them.
 DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
 

@@ -17,7 +17,12 @@ from train.data_cmd import (
     folder_builder_kwargs,
     no_default,
 )
-from train.run_flags import add_distributed_arguments, add_resume_arguments, start_distributed
+from train.run_flags import (
+    add_cadence_arguments,
+    add_distributed_arguments,
+    add_resume_arguments,
+    start_distributed,
+)
 
 HELP = "Train the vqvae image tokenizer (stage 1); rerun the same command to resume."
 
@@ -78,34 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=no_default("override the seed (weights, data order, noise)"),
     )
-    parser.add_argument(
-        "--log-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("steps between metric lines (metrics.jsonl, TensorBoard)"),
-    )
-    parser.add_argument(
-        "--eval-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("steps between evaluations (one always runs at the last step)"),
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("steps between checkpoints (one is always written when a run ends)"),
-    )
-    parser.add_argument(
-        "--eval-examples",
-        type=int,
-        default=None,
-        metavar="N",
-        help=no_default("examples of the eval split to evaluate on (0: all of it)"),
-    )
+    add_cadence_arguments(parser)
     parser.add_argument(
         "--train-decoder-only",
         action="store_true",
