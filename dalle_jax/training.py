@@ -194,7 +194,7 @@ JOBS: dict[str, DalleJob] = {
         grid_examples=8,
     ),
     # emoji/32 encoded with the emoji32 vqvae (8x8 ids of 512 codes): 11k training images, so
-    # 2,500 steps are ~7 epochs (~30 minutes on 2 idle cores).
+    # 2,500 steps are ~7 epochs (~42 minutes on 2 idle Xeon cores).
     "emoji": DalleJob(
         name="emoji",
         model=get_config("small"),
