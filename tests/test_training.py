@@ -26,6 +26,7 @@ from dalle_jax.sharding import MeshConfig
 from dalle_jax.tokenizer import TextTokenizer, train_tokenizer
 from train import dalle_cmd
 from train.cli import main
+from train.recipes import RECIPES
 from vqvae.config import get_config as get_vqvae_config
 from vqvae.model import create_model
 
@@ -416,10 +417,12 @@ def test_the_cli_lists_the_job_configs():
 
 
 @pytest.mark.parametrize(("job_name", "vqvae_name"), [("shapes", "shapes64"), ("emoji", "emoji32")])
-def test_the_demo_jobs_fit_their_vqvaes(job_name, vqvae_name):
+def test_the_demo_jobs_fit_their_vqvaes_and_their_recipes_encoded_captions(job_name, vqvae_name):
     model = training.get_job(job_name).model
     check_compatible(model, get_vqvae_config(vqvae_name))
-    assert model.text_length == 32  # `train encode`'s default --text-length
+    (encode,) = [step.argv for step in RECIPES[job_name]("w") if step.name == "encode"]
+    length = int(encode[encode.index("--text-length") + 1]) if "--text-length" in encode else 32
+    assert model.text_length == length  # else `train dalle` refuses the recipe's encoded data
 
 
 @pytest.mark.parametrize("command", ["dalle", "export"])
