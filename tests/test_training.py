@@ -6,6 +6,7 @@ them. One straight run is the reference that a killed-and-resumed run and other 
 compared with; the step, init and eval programs are compiled once per (config, mesh) and reused.
 """
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ from dalle_jax.errors import UserError
 from dalle_jax.model import loss_fn
 from dalle_jax.sharding import MeshConfig
 from dalle_jax.tokenizer import TextTokenizer, train_tokenizer
-from train import dalle_cmd
+from train import dalle_cmd, encode_cmd
 from train.cli import main
 from train.recipes import RECIPES
 from vqvae.config import get_config as get_vqvae_config
@@ -421,7 +422,10 @@ def test_the_demo_jobs_fit_their_vqvaes_and_their_recipes_encoded_captions(job_n
     model = training.get_job(job_name).model
     check_compatible(model, get_vqvae_config(vqvae_name))
     (encode,) = [step.argv for step in RECIPES[job_name]("w") if step.name == "encode"]
-    length = int(encode[encode.index("--text-length") + 1]) if "--text-length" in encode else 32
+    parser = argparse.ArgumentParser()
+    encode_cmd.add_arguments(parser)
+    # The recipe's --text-length, else `train encode`'s own default.
+    length = parser.parse_known_args(list(encode[1:]))[0].text_length
     assert model.text_length == length  # else `train dalle` refuses the recipe's encoded data
 
 
