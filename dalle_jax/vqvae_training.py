@@ -43,7 +43,7 @@ from vqvae.config import VQVAEConfig, get_config
 from vqvae.metrics import codebook_perplexity, codebook_usage
 from vqvae.model import VQVAE, create_model
 from vqvae.train_config import TrainConfig, get_train_config
-from vqvae.train_step import create_optimizer, eval_step, train_step
+from vqvae.train_step import check_crop_size, create_optimizer, eval_step, train_step
 
 # Configs that may change between runs of one workdir without changing what the weights mean.
 RESUMABLE_KEYS = (
@@ -213,9 +213,8 @@ def compiled_init(model_config: VQVAEConfig, train_config: TrainConfig, mesh: Me
     )
 
 
-@functools.lru_cache(maxsize=8)
 def compiled_train_step(
-    model_config: VQVAEConfig, train_config: TrainConfig, mesh: Mesh
+    model_config: VQVAEConfig, train_config: TrainConfig, mesh: Mesh, crop: bool = False
 ) -> Callable:
     """`step_fn(state, images, step, key) -> (state, metrics)`, jitted once, state donated.
 
@@ -223,12 +222,21 @@ def compiled_train_step(
     uint8 [B, S, S, 3] split over `data` (`global_batch`); step: int32 []; key: the run's PRNG
     key. The gradient's mean over the batch becomes an all-reduce over `data`; state and
     metrics come back replicated, so step 2 sees the shardings step 1 did: one compile.
+    `crop`: the step of the random-window phase (`TrainConfig.crop_steps`).
     """
+    # Every argument positional: lru_cache keys `f(a)` and `f(a, crop=False)` apart.
+    return _compiled_train_step(model_config, train_config, mesh, crop)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_train_step(
+    model_config: VQVAEConfig, train_config: TrainConfig, mesh: Mesh, crop: bool
+) -> Callable:
     graphdef = train_graphdef(model_config, train_config)
 
     def step_fn(state, images, step, key):
         model, optimizer = nnx.merge(graphdef, state)
-        metrics = train_step(model, optimizer, images, step, key, config=train_config)
+        metrics = train_step(model, optimizer, images, step, key, config=train_config, crop=crop)
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(replicated(mesh), replicated(mesh)))
@@ -412,6 +420,7 @@ def train_and_evaluate(
     if stop_after is not None and stop_after < 1:
         raise UserError(f"stop_after must be at least 1, got {stop_after}")
     check_training_phase(job.train, workdir, resume=resume, init=init)
+    check_crop_size(job.model, job.train)
     mesh = data_mesh(devices)
     check_batch_divides(job.train.batch_size, mesh)
     per_host_batch = job.train.batch_size // jax.process_count()
@@ -450,7 +459,6 @@ def train_and_evaluate(
         source_name=train_split.name,
     )
     data_iter = iter(data)
-    step_fn = compiled_train_step(job.model, job.train, mesh)
     key = jax.random.key(job.train.seed)
     total = job.train.total_steps
     last_eval: dict[str, float] = {}
@@ -471,6 +479,9 @@ def train_and_evaluate(
         while step < stop_step:
             batch = next(data_iter)
             images = global_batch(batch["images"], mesh)
+            # The random-window phase first (compiled on first use), then whole images.
+            crop = step < job.train.crop_steps
+            step_fn = compiled_train_step(job.model, job.train, mesh, crop)
             state, metrics = step_fn(state, images, jnp.asarray(step, jnp.int32), key)
             step += 1
             progress.update()

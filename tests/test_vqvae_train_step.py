@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from vqvae.train_step import (
     eval_step,
     learning_rate_schedule,
     make_train_step,
+    random_crops,
     train_step,
 )
 
@@ -219,3 +221,70 @@ def test_decoder_fine_tuning_moves_the_decoder_only_and_keeps_every_id(name, req
     np.testing.assert_array_equal(ids_after, ids_before)
     # Trained on the inference codes, the decoder reconstructs these images better.
     assert float(eval_step(model, images)["psnr"].mean()) > mse_before + 0.5
+
+
+def test_random_crops_are_code_aligned_windows_drawn_per_image_from_the_key():
+    # Every pixel value unique, so a window's first pixel says where it was cut.
+    images = np.arange(200 * 32 * 32 * 3, dtype=np.int32).reshape(200, 32, 32, 3)
+    crops = np.asarray(random_crops(jnp.asarray(images), jax.random.key(0), 16, 4))
+    assert crops.shape == (200, 16, 16, 3)
+    corners = []
+    for image, crop in zip(images, crops, strict=True):
+        y, x = (int(v) for v in np.argwhere(image[..., 0] == crop[0, 0, 0])[0])
+        np.testing.assert_array_equal(crop, image[y : y + 16, x : x + 16])
+        corners.append((y, x))
+    # Every corner on the 4-pixel code grid that keeps the window inside, on both axes.
+    assert {y for y, _ in corners} == {x for _, x in corners} == {0, 4, 8, 12, 16}
+    again = random_crops(jnp.asarray(images), jax.random.key(0), 16, 4)
+    np.testing.assert_array_equal(np.asarray(again), crops)
+    other = random_crops(jnp.asarray(images), jax.random.key(1), 16, 4)
+    assert not np.array_equal(np.asarray(other), crops)
+
+
+def test_training_on_windows_teaches_whole_image_reconstruction():
+    config = dataclasses.replace(get_train_config("tiny"), crop_size=16, crop_steps=60)
+    model = create_model(get_config("tiny"))
+    optimizer = create_optimizer(model, config)
+    images = synthetic_images()
+    psnr_before = float(eval_step(model, images)["psnr"].mean())
+    jitted = nnx.jit(train_step, static_argnames=("config", "crop"))
+    history = [
+        jitted(model, optimizer, images, s, jax.random.key(0), config=config, crop=True)
+        for s in range(60)
+    ]
+    assert float(history[-1]["loss"]) < 0.5 * float(history[0]["loss"])
+    # Evaluated on whole 32 px images, never seen whole in training.
+    assert float(eval_step(model, images)["psnr"].mean()) > psnr_before + 3.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"crop_size": 14, "crop_steps": 5}, "crop_size 14 must be a multiple of the downsampling"),
+        ({"crop_size": 32, "crop_steps": 5}, "below the image size 32"),
+    ],
+)
+def test_a_crop_off_the_code_grid_is_refused(changes, expected):
+    config = dataclasses.replace(get_train_config("tiny"), **changes)
+    model = create_model(get_config("tiny"))
+    optimizer = create_optimizer(model, config)
+    with pytest.raises(VQVAEInputError, match=expected):
+        train_step(
+            model, optimizer, synthetic_images(), 0, jax.random.key(0), config=config, crop=True
+        )
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"crop_steps": 5}, "crop_steps (5) needs a crop_size"),
+        ({"crop_size": -8}, "crop_size must be >= 0"),
+        (
+            {"crop_size": 16, "crop_steps": 5, "train_decoder_only": True},
+            "decoder fine-tuning sees whole images",
+        ),
+    ],
+)
+def test_inconsistent_crop_settings_are_refused(changes, expected):
+    with pytest.raises(VQVAEInputError, match=re.escape(expected)):
+        dataclasses.replace(get_train_config("tiny"), **changes)

@@ -147,6 +147,26 @@ def test_steps_compile_once_per_config(job, straight_run):
     assert step_fn._cache_size() == 1
 
 
+def test_a_run_with_a_window_phase_resumes_identically_across_the_phase_switch(job, tmp_path):
+    # Windows of 16 px for the first 6 steps, then whole 32 px images; killed inside the window
+    # phase, resumed with the same command.
+    cropped = job.replace(train=dataclasses.replace(job.train, crop_size=16, crop_steps=6))
+    straight = tmp_path / "straight"
+    vt.train_and_evaluate(cropped, str(straight))
+    killed = tmp_path / "killed"
+    vt.train_and_evaluate(cropped, str(killed), stop_after=4)
+    vt.train_and_evaluate(cropped, str(killed))
+    expected, resumed = read_metrics(straight), read_metrics(killed)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(5, STEPS + 1):
+        assert train_metrics(resumed[step]) == train_metrics(expected[step]), step
+    assert read_metrics(killed, "validation") == read_metrics(straight, "validation")
+    # One program per phase, each compiled once for both invocations.
+    mesh = vt.data_mesh()
+    for crop in (True, False):
+        assert vt.compiled_train_step(cropped.model, cropped.train, mesh, crop)._cache_size() == 1
+
+
 def test_eval_pads_the_last_batch_instead_of_recompiling(job, straight_run, data_dir):
     model = vt.load_vqvae(str(straight_run[0]))
     split = pipeline.open_split(DATASET, "validation", data_dir=data_dir)
@@ -237,8 +257,8 @@ def exploding_step(monkeypatch):
     real = vt.compiled_train_step
     poison = jax.jit(lambda tree: jax.tree.map(lambda x: x * np.float32("nan"), tree))
 
-    def patched(model_config, train_config, mesh):
-        step_fn = real(model_config, train_config, mesh)
+    def patched(model_config, train_config, mesh, crop=False):
+        step_fn = real(model_config, train_config, mesh, crop)
 
         def exploding(state, images, step, key):
             state, metrics = step_fn(state, images, step, key)
@@ -293,7 +313,7 @@ def test_help_documents_every_flag(capsys):
     parser = argparse.ArgumentParser()
     vqvae_cmd.add_arguments(parser)
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert len(flags) == 21  # 16 of its own, --folder/--image-size, 3 multi-process
+    assert len(flags) == 23  # 18 of its own, --folder/--image-size, 3 multi-process
     for action in flags:
         assert action.option_strings[0] in out
         assert action.help and len(action.help) > 10, action.option_strings
@@ -311,6 +331,11 @@ def test_help_documents_every_flag(capsys):
         (["--folder", "{empty}"], "--folder: image_folder only, but the dataset is 'shapes_world"),
         (["--image-size", "32"], "--image-size: image_folder only"),
         (["--train-decoder-only"], "fine-tunes the decoder of a trained vqvae: pass its workdir"),
+        (["--crop-steps", "5"], "crop_steps (5) needs a crop_size"),
+        (
+            ["--crop-size", "14", "--crop-steps", "5"],
+            "crop_size 14 must be a multiple of the downsampling factor 4",
+        ),
         # The base job reads your folder at 256 px: it says how to prepare it.
         (
             ["--config", "base", "--folder", "{empty}"],

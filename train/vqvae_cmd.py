@@ -83,6 +83,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=no_default("override the seed (weights, data order, noise)"),
     )
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help=no_default(
+            "override the random-window size of the first --crop-steps steps (a multiple of "
+            "the downsampling factor below the image size; half the image size makes a step "
+            "~4x cheaper)"
+        ),
+    )
+    parser.add_argument(
+        "--crop-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help=no_default(
+            "override how many of the first steps train on random --crop-size windows instead "
+            "of whole images (0: none)"
+        ),
+    )
     add_cadence_arguments(parser)
     parser.add_argument(
         "--train-decoder-only",
@@ -109,6 +130,8 @@ def job_from_args(args: argparse.Namespace):
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "seed": args.seed,
+            "crop_size": args.crop_size,
+            "crop_steps": args.crop_steps,
             "train_decoder_only": args.train_decoder_only or None,
         }.items()
         if v is not None

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from vqvae import losses
+from vqvae.config import VQVAEConfig
 from vqvae.errors import VQVAEInputError
 from vqvae.metrics import code_histogram, codebook_perplexity, codebook_usage, psnr, psnr_per_image
 from vqvae.model import VQVAE, ModelOutput, check_images, to_unit_range
@@ -106,6 +107,33 @@ def compute_loss(output: ModelOutput, images, config: TrainConfig, kl_beta):
     return recon_loss + quantizer_loss, terms
 
 
+def check_crop_size(model_config: VQVAEConfig, config: TrainConfig) -> None:
+    """Raises VQVAEInputError unless `config.crop_size` (when set) is a multiple of the
+    downsampling factor below the image size: a window that covers whole codes."""
+    size, factor = config.crop_size, model_config.downsample_factor
+    if size and (size % factor or size >= model_config.image_size):
+        raise VQVAEInputError(
+            f"crop_size {size} must be a multiple of the downsampling factor {factor} below the "
+            f"image size {model_config.image_size} (vqvae config {model_config.name!r})"
+        )
+
+
+def random_crops(images, key, size: int, align: int) -> jax.Array:
+    """One random window per image: images [B, S, S, C] -> [B, size, size, C].
+
+    Window corners are multiples of `align` (independently per image and axis), drawn from key.
+    """
+    batch, side = images.shape[0], images.shape[1]
+    corners = align * jax.random.randint(key, (batch, 2), 0, (side - size) // align + 1)
+
+    def crop(image, corner):
+        return jax.lax.dynamic_slice(
+            image, (corner[0], corner[1], 0), (size, size, image.shape[-1])
+        )
+
+    return jax.vmap(crop)(images, corners)
+
+
 def train_step(
     model: VQVAE,
     optimizer: nnx.Optimizer,
@@ -114,6 +142,7 @@ def train_step(
     key,
     *,
     config: TrainConfig,
+    crop: bool = False,
 ) -> dict[str, jax.Array]:
     """One update, in place: gradient step on the Params, then the quantizer's own update
     (EMA codebook, unused counters, dead-code restarts). With `config.train_decoder_only`, the
@@ -126,16 +155,24 @@ def train_step(
     psnr, codebook_usage and perplexity (of this batch's ids), grad_norm, learning_rate, and for
     VQ restarted_codes and dead_codes unless the decoder alone trains (plus logit_laplace_nll
     when weighted). `psnr` is that of the training forward pass (relaxed codes for Gumbel);
-    `eval_step` gives inference PSNR.
+    `eval_step` gives inference PSNR. With `crop` (the first phase of `config.crop_steps`), the
+    step trains on one random `config.crop_size` window per image, and its metrics are the
+    windows'.
     """
     check_images(model.config, images)
+    if crop:
+        check_crop_size(model.config, config)
     if config.logit_laplace_weight and not model.config.logit_laplace:
         raise VQVAEInputError(
             "logit_laplace_weight > 0 needs a model config with logit_laplace=True"
         )
     images = to_unit_range(images)
     step = jnp.asarray(step, jnp.int32)
-    noise_key, restart_key = jax.random.split(jax.random.fold_in(key, step))
+    step_key = jax.random.fold_in(key, step)
+    noise_key, restart_key = jax.random.split(step_key)
+    if crop:
+        crop_key = jax.random.fold_in(step_key, 1)
+        images = random_crops(images, crop_key, config.crop_size, model.config.downsample_factor)
     temperature = gumbel_temperature(step, config)
     beta = kl_weight(step, config)
     gumbel = model.config.quantizer == "gumbel"
@@ -176,9 +213,11 @@ def train_step(
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, config: TrainConfig, *, donate: bool = True
+    graphdef: nnx.GraphDef, config: TrainConfig, *, donate: bool = True, crop: bool = False
 ) -> Callable:
     """A jitted pure step: `step_fn(state, images, step, key) -> (state, metrics)`.
+
+    `crop` compiles the step of the random-window phase (`train_step`'s `crop`).
 
     `graphdef, state = nnx.split((model, optimizer))` gives the arguments; afterwards
     `model, optimizer = nnx.merge(graphdef, state)`. With `donate`, the input state's buffers
@@ -187,7 +226,7 @@ def make_train_step(
 
     def step_fn(state, images, step, key):
         model, optimizer = nnx.merge(graphdef, state)
-        metrics = train_step(model, optimizer, images, step, key, config=config)
+        metrics = train_step(model, optimizer, images, step, key, config=config, crop=crop)
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
