@@ -459,6 +459,10 @@ def train_and_evaluate(
         source_name=train_split.name,
     )
     data_iter = iter(data)
+    # The random-window phase's step first, then the whole images' (each compiled on first use).
+    step_fns = {
+        crop: compiled_train_step(job.model, job.train, mesh, crop) for crop in (True, False)
+    }
     key = jax.random.key(job.train.seed)
     total = job.train.total_steps
     last_eval: dict[str, float] = {}
@@ -479,9 +483,7 @@ def train_and_evaluate(
         while step < stop_step:
             batch = next(data_iter)
             images = global_batch(batch["images"], mesh)
-            # The random-window phase first (compiled on first use), then whole images.
-            crop = step < job.train.crop_steps
-            step_fn = compiled_train_step(job.model, job.train, mesh, crop)
+            step_fn = step_fns[step < job.train.crop_steps]
             state, metrics = step_fn(state, images, jnp.asarray(step, jnp.int32), key)
             step += 1
             progress.update()
