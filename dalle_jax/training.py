@@ -180,10 +180,11 @@ JOBS: dict[str, DalleJob] = {
     ),
     # The CPU demo: shapes_world/64 encoded with the shapes64 vqvae (8x8 ids of 512 codes) and
     # `train encode`'s default 32 caption ids. ~4,000-5,000 tokens/s on 2 idle cores, so 4,000
-    # steps (128k examples, 1.3 epochs) take 40-50 minutes.
+    # steps (128k examples, 1.3 epochs) take 40-50 minutes. GELU, as the shipped `shapes`
+    # bundle was trained (its recipe reproduces it); new models default to ReLU.
     "shapes": DalleJob(
         name="shapes",
-        model=get_config("small"),
+        model=get_config("small", activation="gelu"),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=200, total_steps=4000),
         batch_size=32,
         log_every=50,
@@ -194,10 +195,11 @@ JOBS: dict[str, DalleJob] = {
         grid_examples=8,
     ),
     # emoji/32 encoded with the emoji32 vqvae (8x8 ids of 512 codes): 11k training images, so
-    # 2,500 steps are ~7 epochs (~42 minutes on 2 idle Xeon cores).
+    # 2,500 steps are ~7 epochs (~42 minutes on 2 idle Xeon cores). GELU, as the shipped
+    # `emoji` bundle was trained.
     "emoji": DalleJob(
         name="emoji",
-        model=get_config("small"),
+        model=get_config("small", activation="gelu"),
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=200, total_steps=2500),
         batch_size=32,
         log_every=50,

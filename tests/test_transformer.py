@@ -76,6 +76,29 @@ def test_config_errors_are_user_errors():
         get_config("tiny", attention_types=("diagonal",))
     with pytest.raises(UserError, match="unknown field"):
         DalleConfig.from_dict({**TINY.to_dict(), "depth": 3})
+    with pytest.raises(UserError, match="activation 'swish' must be one of"):
+        get_config("tiny", activation="swish")
+
+
+def test_configs_saved_before_the_activation_field_load_as_gelu():
+    # Every bundle and checkpoint written before the field existed was trained with GELU.
+    legacy = get_config("tiny", activation="relu").to_dict()
+    del legacy["activation"]
+    assert DalleConfig.from_dict(legacy).activation == "gelu"
+    relu = get_config("tiny", activation="relu")
+    assert DalleConfig.from_dict(relu.to_dict()).activation == "relu"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_the_mlp_applies_the_configured_activation(activation):
+    config = get_config("tiny", activation=activation)
+    mlp = DalleTransformer(config, rngs=nnx.Rngs(0)).blocks[0].mlp
+    x = jax.random.normal(jax.random.key(1), (2, 5, config.d_model))
+    hidden = x @ mlp.up.kernel[...]
+    act = {"gelu": jax.nn.gelu, "relu": lambda h: jnp.maximum(h, 0.0)}[activation]
+    np.testing.assert_allclose(mlp(x), act(hidden) @ mlp.down.kernel[...], rtol=1e-5, atol=1e-6)
+    other = {"gelu": jax.nn.relu, "relu": jax.nn.gelu}[activation]
+    assert not np.allclose(mlp(x), other(hidden) @ mlp.down.kernel[...], atol=1e-4)
 
 
 # ---- forward pass --------------------------------------------------------------------------------
@@ -164,12 +187,20 @@ def test_remat_and_dropout(model):
 
 # ---- cached decoding -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("attention_types", "norm", "use_bias"),
-    [(("full",), "rmsnorm", False), (("row", "column", "conv"), "layernorm", True)],
+    ("attention_types", "norm", "use_bias", "activation"),
+    [
+        (("full",), "rmsnorm", False, "relu"),
+        (("row", "column", "conv"), "layernorm", True, "gelu"),
+    ],
 )
-def test_decode_step_matches_the_full_forward_pass(attention_types, norm, use_bias):
+def test_decode_step_matches_the_full_forward_pass(attention_types, norm, use_bias, activation):
     config = get_config(
-        "tiny", num_layers=3, attention_types=attention_types, norm=norm, use_bias=use_bias
+        "tiny",
+        num_layers=3,
+        attention_types=attention_types,
+        norm=norm,
+        use_bias=use_bias,
+        activation=activation,
     )
     model = DalleTransformer(config, rngs=nnx.Rngs(2))
     batch = make_batch(config, 2, seed=4)

@@ -76,9 +76,15 @@ class KVCache:
         )
 
 
+ACTIVATION_FNS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
 class MLP(nnx.Module):
+    """down(activation(up(x))): [.., D] -> [.., F] -> [.., D]."""
+
     def __init__(self, config: DalleConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.dtype)
+        self.activation = config.activation
         d, f = config.d_model, config.mlp_dim
         self.up = Dense(
             (d,),
@@ -102,7 +108,7 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.gelu(self.up(x)))
+        return self.down(ACTIVATION_FNS[self.activation](self.up(x)))
 
 
 class Block(nnx.Module):
