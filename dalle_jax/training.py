@@ -194,6 +194,23 @@ JOBS: dict[str, DalleJob] = {
         sample_captions=SHAPES_CAPTIONS,
         grid_examples=8,
     ),
+    # The 90-minute recipe's transformer (`train recipe shapes-90min`): shapes_world/64 encoded
+    # with 24 caption ids (`train encode --text-length 24`; the longest caption has 23). The
+    # `mini` model (ReLU) at batch 16 runs ~9 steps/s on 2 idle EPYC cores, so 22,000 steps
+    # (352k examples, 3.5 epochs) take ~42 minutes; at equal wall time batch 16 judged better
+    # than 32 (91.7% vs 90.4% test) and 8 (89.7%): runs/README.md, "shapes/batch16".
+    "shapes-90min": DalleJob(
+        name="shapes-90min",
+        model=get_config("mini"),
+        optim=OptimConfig(learning_rate=2e-3, warmup_steps=100, total_steps=22000),
+        batch_size=16,
+        log_every=50,
+        eval_every=3000,
+        checkpoint_every=250,
+        eval_max_examples=1024,
+        sample_captions=SHAPES_CAPTIONS,
+        grid_examples=8,
+    ),
     # emoji/32 encoded with the emoji32 vqvae (8x8 ids of 512 codes): 11k training images, so
     # 2,500 steps are ~7 epochs (~42 minutes on 2 idle Xeon cores). GELU, as the shipped
     # `emoji` bundle was trained.

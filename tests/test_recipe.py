@@ -26,6 +26,30 @@ def test_dry_run_lists_every_step_and_runs_nothing(tmp_path, capsys):
     assert not workdir.exists()
 
 
+def test_the_90_minute_recipe_trains_each_model_once_with_flags_its_commands_take(tmp_path, capsys):
+    from dalle_jax.training import get_job
+    from train.cli import build_parser
+
+    workdir = tmp_path / "shapes90"
+    assert main(["recipe", "shapes-90min", "--workdir", str(workdir), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0].split("] ")[1] for line in out]
+    assert names == ["data", "tokenizer", "vqvae", "encode", "dalle", "reranker", "export"]
+    assert "--batch-size 16 --steps 4500" in out[2] and "--text-length 24" in out[3]
+    # The transformer runs its job's own schedule: the mini model, batch 16, 22,000 steps.
+    assert "train dalle --config shapes-90min" in out[4] and "--steps" not in out[4]
+    job = get_job("shapes-90min")
+    assert (job.model.num_layers, job.model.d_model, job.model.text_length) == (4, 128, 24)
+    assert (job.batch_size, job.optim.total_steps, job.model.activation) == (16, 22000, "relu")
+    assert "--steps 800" in out[5]
+    assert "--rerank-per-image 16 --rerank-likelihood-weight 0.25" in out[6]
+    # Every step is a command line `train` accepts as it stands.
+    parser = build_parser()
+    for step in RECIPES["shapes-90min"](workdir):
+        parser.parse_args(list(step.argv))
+    assert not workdir.exists()
+
+
 def test_tiny_recipe_makes_a_bundle_with_reranker_and_resumes_by_skipping(tmp_path, capsys):
     workdir, data_dir = tmp_path / "tiny", tmp_path / "data"
     command = ["recipe", "tiny", "--workdir", str(workdir), "--data-dir", str(data_dir)]

@@ -417,7 +417,10 @@ def test_the_cli_lists_the_job_configs():
     assert set(dalle_cmd.CONFIG_NAMES) == set(training.JOBS)
 
 
-@pytest.mark.parametrize(("job_name", "vqvae_name"), [("shapes", "shapes64"), ("emoji", "emoji32")])
+@pytest.mark.parametrize(
+    ("job_name", "vqvae_name"),
+    [("shapes", "shapes64"), ("shapes-90min", "shapes64"), ("emoji", "emoji32")],
+)
 def test_the_demo_jobs_fit_their_vqvaes_and_their_recipes_encoded_captions(job_name, vqvae_name):
     model = training.get_job(job_name).model
     check_compatible(model, get_vqvae_config(vqvae_name))

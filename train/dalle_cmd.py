@@ -21,7 +21,7 @@ from train.run_flags import (
 
 HELP = "Train the text-to-image transformer (stage 2) on encoded data; rerun to resume."
 
-CONFIG_NAMES = ("tiny", "shapes", "emoji", "pod-1b")  # dalle_jax.training.JOBS
+CONFIG_NAMES = ("tiny", "shapes", "shapes-90min", "emoji", "pod-1b")  # dalle_jax.training.JOBS
 
 
 def _mesh(text: str):
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="shapes",
         choices=CONFIG_NAMES,
         help="job config: model, optimizer, batch and intervals together (tiny is for tests, "
-        "pod-1b for TPU pods: docs/multihost.md)",
+        "shapes-90min the transformer of `train recipe shapes-90min`, pod-1b for TPU pods: "
+        "docs/multihost.md)",
     )
     parser.add_argument(
         "--workdir",

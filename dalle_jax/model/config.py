@@ -212,6 +212,21 @@ _VARIANTS: dict[str, DalleConfig] = {
         mlp_dim=64,
         conv_kernel=3,
     ),
+    # shapes_world/64 in a 90-minute CPU recipe (8x8 ids of 512 codes, 24 caption ids): ~1 M
+    # parameters, because such a recipe leaves the transformer ~40 minutes, and in a budget that
+    # short a smaller model trained for more steps wins (runs/README.md, "shapes/stage2_90min":
+    # 1 M parameters for 9,000 steps beat 2 M for 6,000 and 5 M for 3,200).
+    "mini": DalleConfig(
+        text_vocab_size=1000,
+        text_length=24,
+        image_vocab_size=512,
+        image_rows=8,
+        image_cols=8,
+        num_layers=4,
+        d_model=128,
+        num_heads=4,
+        mlp_dim=512,
+    ),
     # The reference size DALLE-pytorch is benchmarked at on this machine.
     "ref-small": DalleConfig(
         text_vocab_size=1000,
@@ -282,7 +297,7 @@ CONFIG_NAMES = tuple(_VARIANTS)
 
 
 def get_config(name: str, **overrides: Any) -> DalleConfig:
-    """The named variant (`tiny`, `ref-small`, `small`, `ref-base`, `350m`, `1b`) + overrides."""
+    """A named variant (`tiny`, `mini`, `ref-small`, `small`, `ref-base`, ...) + overrides."""
     if name not in _VARIANTS:
         raise UserError(f"unknown model config {name!r}; choose one of {', '.join(CONFIG_NAMES)}")
     return dataclasses.replace(_VARIANTS[name], **overrides) if overrides else _VARIANTS[name]
