@@ -116,13 +116,18 @@ def _bundle_steps(
     return steps
 
 
-def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
-    """The default bundle: shapes_world at 64 px (8x8 ids of 512 codes), 6-layer transformer."""
-    w, dataset = Path(workdir), "shapes_world/64"
-    data = ["--dataset", dataset, *_data_flags(data_dir)]
-    vqvae = ["vqvae", "--config", "shapes64", "--workdir", str(w / "vqvae"), "--eval-every",
-             "500", "--checkpoint-every", "250", *_data_flags(data_dir)]  # fmt: skip
-    return [
+# The shapes recipes' shared settings: the dataset, and the sampling defaults (temperature 0.5,
+# guidance 1.5, the best of 16 per image by the reranker and, weighted 0.25, the transformer's
+# likelihood) chosen on the validation split for the shipped bundle.
+SHAPES_DATASET = "shapes_world/64"
+SHAPES_SAMPLING = ("--temperature", "0.5", "--cfg-scale", "1.5", "--rerank-per-image", "16",
+                   "--rerank-likelihood-weight", "0.25")  # fmt: skip
+
+
+def _shapes_start(w: Path, data_dir: str | None) -> tuple[list[Step], tuple[str, ...]]:
+    """(the data and tokenizer steps, the vqvae command without its steps) of a shapes recipe."""
+    data = ["--dataset", SHAPES_DATASET, *_data_flags(data_dir)]
+    steps = [
         Step("data", ("data", *data)),
         Step(
             "tokenizer",
@@ -137,32 +142,30 @@ def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
                 str(w / "tokenizer.model"),
             ),
         ),  # fmt: skip
+    ]
+    vqvae = ("vqvae", "--config", "shapes64", "--workdir", str(w / "vqvae"), "--eval-every",
+             "500", "--checkpoint-every", "250", *_data_flags(data_dir))  # fmt: skip
+    return steps, vqvae
+
+
+def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
+    """The default bundle: shapes_world at 64 px (8x8 ids of 512 codes), 6-layer transformer."""
+    w = Path(workdir)
+    start, vqvae = _shapes_start(w, data_dir)
+    return [
+        *start,
         Step("vqvae", (*vqvae, "--steps", "2500")),
         Step("vqvae-continued", (*vqvae, "--steps", "4500")),
         *_bundle_steps(
             w,
             dalle_config="shapes",
             reranker_config="small",
-            dataset=dataset,
+            dataset=SHAPES_DATASET,
             data_dir=data_dir,
             # Stage 2 ran in three phases, each resumed with a new cosine schedule: 4,000 steps,
             # then to 6,500, then to 13,000. The reranker trains the small config's 3,000 steps.
-            # The sampling defaults (temperature 0.5, guidance 1.5, the best of 16 per image by
-            # the reranker and, weighted 0.25, the transformer's likelihood) were chosen on the
-            # validation split.
             continued=(("--steps", "6500"), ("--steps", "13000")),
-            extra={
-                "export": [
-                    "--temperature",
-                    "0.5",
-                    "--cfg-scale",
-                    "1.5",
-                    "--rerank-per-image",
-                    "16",
-                    "--rerank-likelihood-weight",
-                    "0.25",
-                ]
-            },  # fmt: skip
+            extra={"export": list(SHAPES_SAMPLING)},
         ),
     ]
 
@@ -175,69 +178,28 @@ def shapes_90min(workdir: str | Path, data_dir: str | None = None) -> list[Step]
     minutes, ~87 in all. Those runs judged 91.7% test / 80.7% held out (the shipped 226-minute
     `shapes` recipe: 95.1% / 82.7%).
     """
-    w, dataset = Path(workdir), "shapes_world/64"
-    data = ["--dataset", dataset, *_data_flags(data_dir)]
+    w = Path(workdir)
+    start, vqvae = _shapes_start(w, data_dir)
     return [
-        Step("data", ("data", *data)),
-        Step(
-            "tokenizer",
-            (
-                "tokenizer",
-                *data,
-                "--vocab-size",
-                "1000",
-                "--model-type",
-                "bpe",
-                "--out",
-                str(w / "tokenizer.model"),
-            ),
-        ),  # fmt: skip
+        *start,
         # One phase of 4,500 steps at half the config's batch: a batch-16 step costs under half
         # a batch-32 one on 2 CPU cores, and these steps reconstruct better (33.6 dB) than the
         # shipped vqvae's 4,500 batch-32 ones (33.4 dB) in ~31 minutes instead of ~60.
-        Step(
-            "vqvae",
-            (
-                "vqvae",
-                "--config",
-                "shapes64",
-                "--workdir",
-                str(w / "vqvae"),
-                "--eval-every",
-                "500",
-                "--checkpoint-every",
-                "250",
-                *_data_flags(data_dir),
-                "--batch-size",
-                "16",
-                "--steps",
-                "4500",
-            ),
-        ),  # fmt: skip
+        Step("vqvae", (*vqvae, "--batch-size", "16", "--steps", "4500")),
         *_bundle_steps(
             w,
             dalle_config="shapes-90min",
             reranker_config="small",
-            dataset=dataset,
+            dataset=SHAPES_DATASET,
             data_dir=data_dir,
             # 24 caption ids (what the `mini` transformer reads; the longest caption has 23). The
             # reranker trains 800 of the small config's 3,000 steps: retrieval top-1 92.7% vs
-            # 93.5%, the best-of-16 pick within noise of the longer one. Sampling defaults as
-            # the shipped bundle's.
+            # 93.5%, the best-of-16 pick within noise of the longer one.
             extra={
                 "encode": ["--text-length", "24"],
                 "reranker": ["--steps", "800", "--eval-every", "500"],
-                "export": [
-                    "--temperature",
-                    "0.5",
-                    "--cfg-scale",
-                    "1.5",
-                    "--rerank-per-image",
-                    "16",
-                    "--rerank-likelihood-weight",
-                    "0.25",
-                ],
-            },  # fmt: skip
+                "export": list(SHAPES_SAMPLING),
+            },
         ),
     ]
 
