@@ -173,10 +173,9 @@ def shapes(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
 def shapes_90min(workdir: str | Path, data_dir: str | None = None) -> list[Step]:
     """A `shapes` bundle inside issue 7's 90 minutes on 2 CPU cores: one phase per model.
 
-    Stage timings on an idle 2-core EPYC (runs/README.md, "shapes/recipe90b" and
-    "shapes/batch16"): data 1.5, tokenizer 0.7, vqvae 31, encode 6, transformer 42, reranker 6
-    minutes, ~87 in all. Those runs judged 91.7% test / 80.7% held out (the shipped 226-minute
-    `shapes` recipe: 95.1% / 82.7%).
+    One run took 87.3 minutes on an idle 2-core EPYC (runs/README.md, "shapes/recipe90min":
+    vqvae 30.5, encode 5.7, transformer 43.1, reranker 5.7) and judged 91.7% test / 80.7% held
+    out (the shipped 226-minute `shapes` recipe: 95.1% / 82.7%; targets 95 / 80).
     """
     w = Path(workdir)
     start, vqvae = _shapes_start(w, data_dir)
